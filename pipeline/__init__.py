@@ -1,0 +1,1 @@
+"""Ray jobs that apply ``preprocessing`` at scale, and the ``latentpipe`` command line."""

@@ -1,0 +1,147 @@
+"""``latentpipe``: the command line. Each subcommand is a thin module in ``pipeline.commands``.
+
+A subcommand module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and
+``run(args) -> int``. Errors the user can fix (bad arguments, bad config, missing inputs)
+are ``UserError``/``ConfigError`` and print one line; anything else prints one line too
+unless ``-v`` asks for the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+from types import ModuleType
+from typing import Any, NoReturn, TypeVar
+
+from preprocessing.config import ConfigError, dump_yaml, load_config
+
+# Order is the order shown by --help.
+SUBCOMMANDS = (
+    "pipeline.commands.synth",
+)
+
+T = TypeVar("T")
+log = logging.getLogger("latentpipe")
+
+
+class UserError(Exception):
+    """An error the user can fix; printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """A YAML config file and dotted ``key=value`` overrides as positionals, plus --print-config."""
+    p.add_argument("items", nargs="*", metavar="[config.yaml] [key=value ...]",
+                   help="an optional YAML config, then dotted overrides such as train.lr=1e-4")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def resolve_config(cls: type[T], args: argparse.Namespace, flags: dict[str, Any] | None = None) -> T:
+    """Defaults <- YAML file <- explicit flags (those not None) <- dotted overrides."""
+    path: str | None = None
+    overrides: list[str] = []
+    for item in getattr(args, "items", []) or []:
+        if "=" in item:
+            overrides.append(item)
+        elif path is None and (item.endswith((".yaml", ".yml")) or Path(item).is_file()):
+            path = item
+        else:
+            raise ConfigError(f"unexpected argument {item!r}: expected one config.yaml and key=value overrides")
+    base: dict[str, Any] = {}
+    if path is not None:
+        from preprocessing.config import read_yaml
+
+        base = read_yaml(path)
+    for key, value in (flags or {}).items():
+        if value is None:
+            continue
+        node = base
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = str(value) if isinstance(value, Path) else value
+    return load_config(cls, None, overrides, base=base)
+
+
+def print_config_and_exit(cfg: Any, args: argparse.Namespace) -> bool:
+    if getattr(args, "print_config", False):
+        sys.stdout.write(dump_yaml(cfg))
+        return True
+    return False
+
+
+def config_keys(cls: type) -> list[str]:
+    return [f.name for f in fields(cls)]
+
+
+def _load(name: str) -> ModuleType:
+    return importlib.import_module(name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="latentpipe",
+        description="Shard image-caption data, precompute latents, and train text-to-image priors.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs and full tracebacks")
+    from preprocessing import __version__
+
+    parser.add_argument("--version", action="version", version=f"latentpipe {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for modname in SUBCOMMANDS:
+        mod = _load(modname)
+        p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.__doc__)
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="debug logs and full tracebacks")
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr, force=True)
+    level = logging.DEBUG if verbose else logging.INFO
+    for name in ("latentpipe", "pipeline", "preprocessing", "training"):
+        logging.getLogger(name).setLevel(level)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never fetch weights at run time
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    verbose = bool(getattr(args, "verbose", False))
+    setup_logging(verbose)
+    if not hasattr(args, "_run"):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except (UserError, ConfigError, FileNotFoundError) as e:
+        if verbose:
+            raise
+        print(f"latentpipe {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"latentpipe {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if verbose:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"latentpipe {args.command}: {type(e).__name__}: {first} (rerun with -v for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

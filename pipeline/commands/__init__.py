@@ -1,0 +1,1 @@
+"""One module per ``latentpipe`` subcommand: ``NAME``, ``HELP``, ``add_arguments``, ``run``."""

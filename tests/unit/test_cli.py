@@ -1,0 +1,77 @@
+"""The real console script, in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+EXE = shutil.which("latentpipe", path=str(Path(sys.executable).parent)) or "latentpipe"
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([EXE, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+def test_help_lists_subcommands() -> None:
+    r = cli("--help")
+    assert r.returncode == 0
+    assert "synth" in r.stdout
+    r = cli("synth", "--help")
+    assert r.returncode == 0 and "--out" in r.stdout
+
+
+def test_synth_folder(tmp_path: Path) -> None:
+    out = tmp_path / "scenes"
+    r = cli("synth", "--n", "40", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert len(list(out.glob("*.png"))) == 40
+    assert len(list(out.glob("*.txt"))) == 40
+    attrs = json.loads((out / "00000003.json").read_text())
+    assert {"objects", "background", "count"} <= set(attrs)
+    assert (out / "synth_config.yaml").read_text().count("n: 40") == 1
+
+
+def test_synth_parquet_with_config_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "synth.yaml"
+    cfg.write_text("n: 12\nsize: 48\nformat: parquet\n")
+    r = cli("synth", str(cfg), "seed=5", "--out", str(tmp_path / "p"))
+    assert r.returncode == 0, r.stderr
+    table = pq.read_table(tmp_path / "p" / "scenes.parquet")
+    assert table.num_rows == 12
+    assert set(table.column_names) == {"key", "image", "caption", "attributes"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["synth", "--out", "X", "bogus=1"], "unknown config key bogus"),
+        (["synth", "--out", "X", "n=abc"], "n: expected an integer"),
+        (["synth", "--n", "3"], "--out is required"),
+        (["synth", "--out", "X", "--size", "8"], "size must be between 32 and 512"),
+        (["synth", "--out", "X", "missing.yaml"], "config file not found"),
+        (["synth", "--frobnicate"], "unrecognized arguments"),
+        (["nosuchcommand"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    r = cli(*args, cwd=tmp_path)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert message in lines[0]
+    assert "Traceback" not in r.stderr
+
+
+def test_print_config(tmp_path: Path) -> None:
+    r = cli("synth", "--out", "o", "--n", "7", "--print-config", cwd=tmp_path)
+    assert r.returncode == 0
+    assert "n: 7" in r.stdout
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,1 @@
+"""Learning: models, objectives, samplers, data loaders, the DeepSpeed engine, tracking."""
