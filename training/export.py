@@ -1,0 +1,104 @@
+"""Consolidated model export: ``model.safetensors`` + ``export.json`` (INTERFACES.md section 4).
+
+The export holds the primary module's full (unsharded) weights, the EMA weights when the
+EMA is on, and the family config that rebuilds the module. Loading never unpickles: the
+weights are safetensors and the config is JSON, parsed by the family's typed config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from preprocessing.config import ConfigError
+from training.families import Family, family_from_config
+
+SCHEMA_VERSION = 1
+WEIGHTS = "model.safetensors"
+META = "export.json"
+
+
+def save_export(
+    dir: str | Path,
+    family_name: str,
+    model_cfg_dict: Mapping[str, Any],
+    state_dict: Mapping[str, torch.Tensor],
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``dir/model.safetensors`` and ``dir/export.json`` atomically (a temp folder renamed into place).
+
+    ``model_cfg_dict`` is the ``model:`` section (``kind`` optional, must equal ``family_name``);
+    ``extra`` is JSON data (e.g. step, EMA decay, config hash, lineage).
+    """
+    out = Path(dir)
+    cfg = {k: v for k, v in model_cfg_dict.items() if k != "kind"}
+    kind = model_cfg_dict.get("kind", family_name)
+    if kind != family_name:
+        raise ValueError(f"model config kind {kind!r} does not match family {family_name!r}")
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    meta = {"schema_version": SCHEMA_VERSION, "family": family_name, "model_config": cfg,
+            "extra": dict(extra or {})}
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / WEIGHTS), metadata={"family": family_name})
+    (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    for f in (tmp / WEIGHTS, tmp / META):
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        out.replace(old)
+        tmp.replace(out)
+        shutil.rmtree(old)
+    else:
+        tmp.replace(out)
+    return out
+
+
+def read_export_meta(dir: str | Path) -> dict[str, Any]:
+    """The parsed ``export.json`` of an export folder (checked schema)."""
+    p = Path(dir) / META
+    if not p.is_file():
+        raise FileNotFoundError(f"not an export folder (no {META}): {dir}")
+    meta = json.loads(p.read_text(encoding="utf-8"))
+    if not isinstance(meta, dict) or meta.get("schema_version") != SCHEMA_VERSION:
+        raise ConfigError(f"{p}: unsupported export schema_version {meta.get('schema_version')!r}")
+    for key in ("family", "model_config"):
+        if key not in meta:
+            raise ConfigError(f"{p}: missing {key!r}")
+    return meta
+
+
+def load_export(dir: str | Path, map_location: str | torch.device = "cpu") -> tuple[Family, nn.Module]:
+    """Rebuild the primary module through its family and load the exported weights (strict).
+
+    Returns ``(family, module)``; the module is in eval mode on ``map_location``.
+    """
+    meta = read_export_meta(dir)
+    family = family_from_config({"kind": meta["family"], **meta["model_config"]})
+    module = family.build_primary()
+    weights = Path(dir) / WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"export folder has no {WEIGHTS}: {dir}")
+    state = load_file(str(weights), device=str(map_location))
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"{weights}: weights do not fit family {meta['family']!r} "
+                          f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    module.to(map_location).eval()
+    return family, module
+
+
+__all__ = ["META", "SCHEMA_VERSION", "WEIGHTS", "load_export", "read_export_meta", "save_export"]
