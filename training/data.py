@@ -1,0 +1,486 @@
+"""Training data: a step-based, resumable stream of batches over WebDataset shards.
+
+Order (a pure function of the seed and the dataset). The N samples are indexed once
+(``training/tar_index.py``). The global sample stream is the concatenation over epochs
+e = 0, 1, ... of a permutation of the N samples drawn from ``SeedSequence([seed, e])``.
+Global step s consumes stream positions [s*G, (s+1)*G) with G = batch_size * world_size,
+and rank r takes the contiguous slice [s*G + r*B, s*G + (r+1)*B). So every rank runs the
+same (unbounded) number of steps whatever the shard sizes, rank slices are disjoint and
+cover the global batch, and the whole state of the stream is ONE integer: the number of
+global samples consumed, ``step * G``. Resuming at any world size with the same G (or any
+offset, ``batches(start_sample=...)``) continues exactly where an uninterrupted run would.
+
+Reads. A torch DataLoader runs a map-style dataset of steps (step k -> this rank's
+collated batch); steps go to workers round-robin and come back in order, so the keys do
+not depend on ``num_workers``. Each sample is one byte-range read of its tar members.
+
+Safety and damage. Only known extensions are ever decoded (images: jpg/jpeg/png/webp via
+PIL; latents: ``.npy`` via ``np.load(allow_pickle=False)``; txt; json is never read); any
+other member (``.pkl``, ``.pth``, ...) is never read and counted as ``member_ignored:<ext>``.
+Damaged tars and samples are counted by reason in ``ShardStream.skipped`` (never raised):
+index-time damage when the stream is built, read/decode failures as batches are yielded.
+A sample that fails to read is replaced by a deterministic draw from the same epoch, so the
+batch keeps its size and resumes stay exact (the failure is a function of the bytes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from glob import glob
+from pathlib import Path
+from typing import IO, Any, Literal
+
+import numpy as np
+import torch
+from braceexpand import braceexpand
+from PIL import Image
+
+from preprocessing.config import ConfigError
+from training.tar_index import group_samples, index_tar, open_binary, read_ranges
+
+log = logging.getLogger("latentpipe.data")
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+LATENT_REQUIRED = ("latent.npy", "text.npy")
+LATENT_OPTIONAL = ("tokens.npy", "pooled.npy")
+KNOWN_UNREAD = ("json",)  # part of the format, not used for training: never read
+MAX_REPLACEMENTS = 16  # consecutive unreadable draws before the stream gives up loudly
+STATE_VERSION = 1
+
+
+@dataclass
+class DataConfig:
+    """The ``data:`` section of a training config."""
+
+    shards: str = ""  # a folder holding shard-*.tar, or a glob / brace pattern of tars
+    kind: Literal["images", "latents"] = "images"
+    batch_size: int = 32  # per rank
+    num_workers: int = 1
+    seed: int = 0
+    image_size: int | None = None  # images: resize (shorter side) + centre-crop to this if set
+    max_text_len: int = 77  # latents: pad/truncate per-token text embeddings to this
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.image_size is not None and self.image_size < 1:
+            raise ValueError(f"image_size must be >= 1, got {self.image_size}")
+        if self.max_text_len < 1:
+            raise ValueError(f"max_text_len must be >= 1, got {self.max_text_len}")
+
+
+class BadSample(Exception):
+    """A sample that cannot be used; ``reason`` is its key in ``skipped``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def resolve_shards(spec: str) -> tuple[list[str], Counter[str], dict[str, Any] | None]:
+    """Shard tars named by ``spec``, problems found, and the folder's ``_manifest.json``.
+
+    A folder: its ``shard-*.tar`` that have their ``.stats.json`` completion marker
+    (others count ``shard_incomplete``). A glob or brace pattern: the tars it names, as
+    given (a named tar that does not exist counts ``shard_missing``). URLs (``s3://``) as
+    brace patterns only.
+    """
+    problems: Counter[str] = Counter()
+    if not spec:
+        raise ConfigError("data.shards: no shards given (a folder of shard-*.tar or a pattern)")
+    if "://" not in spec and Path(spec).is_dir():
+        folder = Path(spec)
+        tars = sorted(folder.glob("shard-*.tar"))
+        done = [t for t in tars if t.with_name(t.name[:-4] + ".stats.json").is_file()]
+        if len(done) < len(tars):
+            problems["shard_incomplete"] += len(tars) - len(done)
+            log.warning("%s: %d of %d shards have no .stats.json (incomplete), not used",
+                        folder, len(tars) - len(done), len(tars))
+        if not done:
+            raise ConfigError(f"data.shards: no complete shard-*.tar in {folder}")
+        paths = [str(t) for t in done]
+    else:
+        paths = []
+        for p in braceexpand(spec):
+            if "://" in p:
+                paths.append(p)
+            elif any(c in p for c in "*?["):
+                paths.extend(sorted(glob(p)))
+            elif Path(p).is_file():
+                paths.append(p)
+            else:
+                problems["shard_missing"] += 1
+                log.warning("shard %s does not exist, not used", p)
+        if not paths:
+            raise ConfigError(f"data.shards: {spec!r} names no existing tar")
+    manifest = None
+    parents = {os.path.dirname(p) for p in paths}
+    if len(parents) == 1 and "://" not in paths[0]:
+        mf = Path(parents.pop()) / "_manifest.json"
+        if mf.is_file():
+            manifest = json.loads(mf.read_text(encoding="utf-8"))
+    return paths, problems, manifest
+
+
+@dataclass
+class SampleIndex:
+    """Where every usable sample lives. ``fields[j]`` is the extension stored in column j.
+
+    Attributes:
+        shards: tar paths; ``shard[i]`` indexes into it, int32 [N].
+        keys: sample keys, bytes (utf-8) [N].
+        offsets, sizes: byte range of each field's member, int64 [N, F].
+        image_ext: images only: index into IMAGE_EXTS of the image member, int8 [N].
+    """
+
+    shards: list[str]
+    fields: tuple[str, ...]
+    shard: np.ndarray
+    keys: np.ndarray
+    offsets: np.ndarray
+    sizes: np.ndarray
+    image_ext: np.ndarray
+
+
+def build_index(paths: list[str], kind: str, problems: Counter[str]) -> SampleIndex:
+    """Index every tar, drop incomplete samples (counted in ``problems``)."""
+    grouped = []
+    for path in paths:
+        idx = index_tar(path)
+        problems.update(idx.problems)
+        keys, members, gp = group_samples(idx)
+        problems.update(gp)
+        grouped.append((keys, members))
+    if kind == "images":
+        fields: tuple[str, ...] = ("image", "txt")
+    else:  # an optional field present anywhere is required everywhere (one encoder per folder)
+        present = {e for _, ms in grouped for m in ms for e in m}
+        fields = (*LATENT_REQUIRED, *(e for e in LATENT_OPTIONAL if e in present), "txt")
+    known = set(fields) | set(KNOWN_UNREAD) | (set(IMAGE_EXTS) if kind == "images" else set())
+    seen: set[str] = set()
+    shard_ids: list[int] = []
+    keys_out: list[str] = []
+    rows: list[list[tuple[int, int]]] = []
+    exts: list[int] = []
+    for s, (keys, members) in enumerate(grouped):
+        for key, m in zip(keys, members):
+            for e in m:
+                if e not in known:
+                    problems[f"member_ignored:{e}"] += 1
+            ext = 0
+            if kind == "images":
+                imgs = [i for i, e in enumerate(IMAGE_EXTS) if e in m]
+                if not imgs:
+                    problems["sample_missing:image"] += 1
+                    continue
+                if len(imgs) > 1:
+                    problems["member_ignored:extra_image"] += len(imgs) - 1
+                ext = imgs[0]
+                m = {**m, "image": m[IMAGE_EXTS[ext]]}
+            missing = [f for f in fields if f not in m]
+            if missing:
+                problems[f"sample_missing:{missing[0]}"] += 1
+                continue
+            if key in seen:
+                problems["sample_duplicate_key"] += 1
+                continue
+            seen.add(key)
+            shard_ids.append(s)
+            keys_out.append(key)
+            rows.append([m[f] for f in fields])
+            exts.append(ext)
+    arr = np.asarray(rows, np.int64).reshape(len(rows), len(fields), 2)  # [N, F, (offset, size)]
+    return SampleIndex(
+        shards=paths, fields=fields, shard=np.asarray(shard_ids, np.int32),
+        keys=np.char.encode(np.asarray(keys_out, dtype=np.str_), "utf-8") if keys_out else np.zeros(0, "S1"),
+        offsets=arr[:, :, 0].copy(), sizes=arr[:, :, 1].copy(), image_ext=np.asarray(exts, np.int8),
+    )
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """A ``.npy`` payload as an array; never unpickles (object arrays are refused)."""
+    arr = np.load(io.BytesIO(data), allow_pickle=False)
+    if not isinstance(arr, np.ndarray):  # an .npz archive
+        raise BadSample("decode_error:npy")
+    return arr
+
+
+def decode_image(data: bytes, size: int | None) -> np.ndarray:
+    """Decode to RGB uint8 [H, W, 3]; with ``size``: shorter side to size, centre crop."""
+    with Image.open(io.BytesIO(data)) as im:
+        rgb = im.convert("RGB")
+    if size is not None and rgb.size != (size, size):
+        w, h = rgb.size
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        rgb = rgb.resize((nw, nh), Image.Resampling.BICUBIC)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        rgb = rgb.crop((left, top, left + size, top + size))
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+class SampleReader:
+    """Reads and decodes samples by index, in whichever process it runs.
+
+    File handles are opened lazily and per process (a forked DataLoader worker never
+    shares a seek position with its parent).
+    """
+
+    def __init__(self, index: SampleIndex, cfg: DataConfig) -> None:
+        self.index = index
+        self.cfg = cfg
+        self.ref: dict[str, tuple[int, ...]] = {}  # reference shapes, set by probe()
+        self._files: dict[int, IO[bytes]] = {}
+        self._pid = os.getpid()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_files": {}}
+
+    def _file(self, shard: int) -> IO[bytes]:
+        if self._pid != os.getpid():
+            self._files, self._pid = {}, os.getpid()
+        f = self._files.get(shard)
+        if f is None:
+            if len(self._files) >= 64:
+                self._files.pop(next(iter(self._files))).close()
+            f = self._files[shard] = open_binary(self.index.shards[shard])
+        return f
+
+    def key(self, i: int) -> str:
+        return bytes(self.index.keys[i]).decode("utf-8")
+
+    def read(self, i: int) -> dict[str, Any]:
+        """Sample i decoded: key, caption, and image uint8 [H, W, 3] or the latent arrays."""
+        ix = self.index
+        ranges = list(zip(ix.offsets[i].tolist(), ix.sizes[i].tolist()))
+        try:
+            blobs = dict(zip(ix.fields, read_ranges(self._file(int(ix.shard[i])), ranges)))
+        except OSError as e:
+            self._files.pop(int(ix.shard[i]), None)
+            raise BadSample("read_error") from e
+        out: dict[str, Any] = {"__key__": self.key(i)}
+        for name, data in blobs.items():
+            label = IMAGE_EXTS[ix.image_ext[i]] if name == "image" else name
+            try:
+                if name == "txt":
+                    out["caption"] = data.decode("utf-8").strip()
+                elif name == "image":
+                    out["image"] = decode_image(data, self.cfg.image_size)
+                else:
+                    out[name[:-4]] = load_npy(data)
+            except BadSample:
+                raise
+            except Exception as e:  # PIL, numpy, utf-8: whatever the bytes break
+                raise BadSample(f"decode_error:{label}") from e
+        self._check(out)
+        return out
+
+    def _check(self, s: dict[str, Any]) -> None:
+        """Shapes/dtypes against the reference sample; raises BadSample("shape_mismatch:...")."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        if "image" in s:
+            shapes["image"] = s["image"].shape
+        else:
+            lat, text = s["latent"], s["text"]
+            if lat.ndim != 3 or lat.dtype.kind != "f":
+                raise BadSample("shape_mismatch:latent")
+            if text.ndim != 2 or text.dtype.kind != "f":
+                raise BadSample("shape_mismatch:text")
+            shapes["latent"], shapes["text_dim"] = lat.shape, (text.shape[1],)
+            if "tokens" in s:
+                if s["tokens"].ndim != 1 or s["tokens"].dtype.kind not in "iu":
+                    raise BadSample("shape_mismatch:tokens")
+                shapes["tokens"] = s["tokens"].shape
+            if "pooled" in s:
+                if s["pooled"].ndim != 1 or s["pooled"].dtype.kind != "f":
+                    raise BadSample("shape_mismatch:pooled")
+                shapes["pooled"] = s["pooled"].shape
+        for k, v in shapes.items():
+            if self.ref and self.ref.get(k) != v:
+                raise BadSample(f"shape_mismatch:{k}")
+
+    def probe(self, limit: int = 64) -> None:
+        """Fix the reference shapes from the first decodable sample in index order."""
+        reasons: Counter[str] = Counter()
+        for i in range(min(limit, len(self.index.keys))):
+            try:
+                s = self.read(i)
+            except BadSample as e:
+                reasons[e.reason] += 1
+                continue
+            if "image" in s:
+                self.ref = {"image": s["image"].shape}
+            else:
+                self.ref = {"latent": s["latent"].shape, "text_dim": (s["text"].shape[1],)}
+                for k in ("tokens", "pooled"):
+                    if k in s:
+                        self.ref[k] = s[k].shape
+            return
+        raise ConfigError(f"data.shards: none of the first {limit} samples decodes: {dict(reasons)}")
+
+
+def collate(samples: list[dict[str, Any]], max_text_len: int) -> dict[str, Any]:
+    """Stack decoded samples into the batch dict of INTERFACES.md section 3."""
+    batch: dict[str, Any] = {"__key__": [s["__key__"] for s in samples],
+                             "caption": [s["caption"] for s in samples]}
+    if "image" in samples[0]:
+        img = torch.from_numpy(np.stack([s["image"] for s in samples]))  # [B, H, W, 3] uint8
+        batch["image"] = img.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()  # [B, 3, H, W]
+        return batch
+    batch["latent"] = torch.from_numpy(np.stack([s["latent"] for s in samples]).astype(np.float32))
+    if "tokens" in samples[0]:
+        batch["tokens"] = torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64))
+    d = samples[0]["text"].shape[1]
+    text = torch.zeros(len(samples), max_text_len, d)  # [B, T, D]
+    mask = torch.zeros(len(samples), max_text_len, dtype=torch.bool)  # [B, T]
+    for j, s in enumerate(samples):
+        n = min(len(s["text"]), max_text_len)
+        text[j, :n] = torch.from_numpy(s["text"][:n].astype(np.float32))
+        mask[j, :n] = True
+    batch["text"], batch["text_mask"] = text, mask
+    if "pooled" in samples[0]:
+        batch["pooled"] = torch.from_numpy(np.stack([s["pooled"] for s in samples]).astype(np.float32))
+    return batch
+
+
+class StepBatches(torch.utils.data.Dataset[dict[str, Any]]):
+    """Map-style dataset of steps: item k is this rank's batch for the k-th step from ``start``.
+
+    Stream position q (0, 1, ...) holds sample ``perm_e[q % N]`` with e = q // N and
+    ``perm_e`` the permutation drawn from ``SeedSequence([seed, e])``.
+    """
+
+    def __init__(self, reader: SampleReader, rank: int, world_size: int, start_sample: int) -> None:
+        self.reader, self.rank, self.world_size, self.start = reader, rank, world_size, start_sample
+        self.n = len(reader.index.keys)
+        self._perms: dict[int, np.ndarray] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_perms": {}}
+
+    def perm(self, epoch: int) -> np.ndarray:
+        p = self._perms.get(epoch)
+        if p is None:
+            if len(self._perms) >= 2:
+                self._perms.pop(min(self._perms))
+            rng = np.random.default_rng(np.random.SeedSequence([self.reader.cfg.seed, epoch]))
+            p = self._perms[epoch] = rng.permutation(self.n)
+        return p
+
+    def sample_at(self, q: int, skipped: Counter[str]) -> dict[str, Any]:
+        """The decoded sample at stream position q (a deterministic stand-in if it is bad)."""
+        epoch, j = divmod(q, self.n)
+        i = int(self.perm(epoch)[j])
+        for attempt in range(1, MAX_REPLACEMENTS + 1):
+            try:
+                return self.reader.read(i)
+            except BadSample as e:
+                skipped[e.reason] += 1
+                log.warning("skipping sample %s (%s: %s)", self.reader.key(i), e.reason, e.__cause__)
+                last = e
+            seq = np.random.SeedSequence([self.reader.cfg.seed, epoch, j, attempt])
+            i = int(np.random.default_rng(seq).integers(self.n))
+        raise RuntimeError(f"{MAX_REPLACEMENTS} unreadable samples in a row (last: {last.reason}): "
+                           "the shards are badly damaged") from last
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        b = self.reader.cfg.batch_size
+        first = self.start + k * b * self.world_size + self.rank * b
+        skipped: Counter[str] = Counter()
+        batch = collate([self.sample_at(q, skipped) for q in range(first, first + b)],
+                        self.reader.cfg.max_text_len)
+        batch["__skipped__"] = dict(skipped)
+        return batch
+
+
+class _Forever(torch.utils.data.Sampler[int]):
+    def __iter__(self) -> Iterator[int]:
+        return itertools.count()
+
+
+class ShardStream:
+    """This rank's infinite stream of batches (module docstring: order, state, damage).
+
+    Attributes:
+        num_samples: usable samples in the dataset (N).
+        samples_per_step: the global batch G = batch_size * world_size.
+        skipped: reason -> count of everything not used: tars, members, samples. Index-time
+            problems are there from construction; read-time ones are added as batches are
+            yielded (so the count is a function of the batches yielded).
+        manifest: the shard folder's ``_manifest.json`` (e.g. the VAE scaling factor), or None.
+        fingerprint: hash of the sample keys and shard names: changes when the data does.
+    """
+
+    def __init__(self, cfg: DataConfig, rank: int, world_size: int) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        paths, problems, self.manifest = resolve_shards(cfg.shards)
+        index = build_index(paths, cfg.kind, problems)
+        self.skipped: dict[str, int] = problems
+        self.num_samples = len(index.keys)
+        if self.num_samples == 0:
+            raise ConfigError(f"data.shards: no usable {cfg.kind} samples in {cfg.shards} ({dict(problems)})")
+        if problems:
+            log.warning("data: %d samples in %d shards; not used: %s", self.num_samples, len(paths), dict(problems))
+        self.samples_per_step = cfg.batch_size * world_size
+        self._reader = SampleReader(index, cfg)
+        self._reader.probe()
+        h = hashlib.sha256(cfg.kind.encode())
+        for p in paths:
+            h.update(os.path.basename(p).encode() + b"\0")
+        h.update(b"\0".join(index.keys.tolist()))
+        self.fingerprint = h.hexdigest()[:16]
+
+    def state_dict(self, step: int) -> dict[str, Any]:
+        """The stream's whole state after ``step`` global steps (store it in the checkpoint)."""
+        return {"version": STATE_VERSION, "samples_seen": step * self.samples_per_step,
+                "seed": self.cfg.seed, "num_samples": self.num_samples, "fingerprint": self.fingerprint}
+
+    def resume_step(self, state: dict[str, Any]) -> int:
+        """The step to pass to ``batches`` to continue ``state`` with this stream's global batch.
+
+        Raises ValueError when the data or seed changed, or the sample count is not a whole
+        number of this stream's global batches (then use ``batches(start_sample=...)``).
+        """
+        if state.get("seed") != self.cfg.seed or state.get("fingerprint") != self.fingerprint:
+            raise ValueError(f"data stream state is for other data/seed ({state.get('fingerprint')}, "
+                             f"seed {state.get('seed')}) than {self.fingerprint}, seed {self.cfg.seed}")
+        seen = int(state["samples_seen"])
+        if seen % self.samples_per_step:
+            raise ValueError(f"{seen} samples seen is not a multiple of the global batch {self.samples_per_step}")
+        return seen // self.samples_per_step
+
+    def batches(self, start_step: int = 0, *, start_sample: int | None = None) -> Iterator[dict[str, Any]]:
+        """This rank's batches for global steps start_step, start_step + 1, ... (infinite).
+
+        ``start_sample`` (a global sample count) replaces ``start_step * samples_per_step``.
+        """
+        start = start_step * self.samples_per_step if start_sample is None else start_sample
+        if start < 0:
+            raise ValueError(f"start position must be >= 0, got {start}")
+        steps = StepBatches(self._reader, self.rank, self.world_size, start)
+        nw = self.cfg.num_workers
+        loader = torch.utils.data.DataLoader(
+            steps, batch_size=None, sampler=_Forever(), num_workers=nw,
+            prefetch_factor=2 if nw else None, pin_memory=torch.cuda.is_available())
+        it = iter(loader)
+        try:
+            for batch in it:
+                for reason, n in batch.pop("__skipped__").items():
+                    self.skipped[reason] = self.skipped.get(reason, 0) + int(n)
+                yield batch
+        finally:
+            del it  # shuts the workers down
