@@ -28,30 +28,29 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
-import json
 import logging
 import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from glob import glob
-from pathlib import Path
 from typing import IO, Any, Literal
 
 import numpy as np
 import torch
-from braceexpand import braceexpand
 from PIL import Image
 
 from preprocessing.config import ConfigError
-from training.tar_index import group_samples, index_tar, open_binary, read_ranges
+from training.tar_index import (
+    IMAGE_EXTS,
+    SampleIndex,
+    build_index,
+    open_binary,
+    read_ranges,
+    resolve_shards,
+)
 
 log = logging.getLogger("latentpipe.data")
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-LATENT_REQUIRED = ("latent.npy", "text.npy")
-LATENT_OPTIONAL = ("tokens.npy", "pooled.npy")
-KNOWN_UNREAD = ("json",)  # part of the format, not used for training: never read
 MAX_REPLACEMENTS = 16  # consecutive unreadable draws before the stream gives up loudly
 STATE_VERSION = 1
 
@@ -87,126 +86,6 @@ class BadSample(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-def resolve_shards(spec: str) -> tuple[list[str], Counter[str], dict[str, Any] | None]:
-    """Shard tars named by ``spec``, problems found, and the folder's ``_manifest.json``.
-
-    A folder: its ``shard-*.tar`` that have their ``.stats.json`` completion marker
-    (others count ``shard_incomplete``). A glob or brace pattern: the tars it names, as
-    given (a named tar that does not exist counts ``shard_missing``). URLs (``s3://``) as
-    brace patterns only.
-    """
-    problems: Counter[str] = Counter()
-    if not spec:
-        raise ConfigError("data.shards: no shards given (a folder of shard-*.tar or a pattern)")
-    if "://" not in spec and Path(spec).is_dir():
-        folder = Path(spec)
-        tars = sorted(folder.glob("shard-*.tar"))
-        done = [t for t in tars if t.with_name(t.name[:-4] + ".stats.json").is_file()]
-        if len(done) < len(tars):
-            problems["shard_incomplete"] += len(tars) - len(done)
-            log.warning("%s: %d of %d shards have no .stats.json (incomplete), not used",
-                        folder, len(tars) - len(done), len(tars))
-        if not done:
-            raise ConfigError(f"data.shards: no complete shard-*.tar in {folder}")
-        paths = [str(t) for t in done]
-    else:
-        paths = []
-        for p in braceexpand(spec):
-            if "://" in p:
-                paths.append(p)
-            elif any(c in p for c in "*?["):
-                paths.extend(sorted(glob(p)))
-            elif Path(p).is_file():
-                paths.append(p)
-            else:
-                problems["shard_missing"] += 1
-                log.warning("shard %s does not exist, not used", p)
-        if not paths:
-            raise ConfigError(f"data.shards: {spec!r} names no existing tar")
-    manifest = None
-    parents = {os.path.dirname(p) for p in paths}
-    if len(parents) == 1 and "://" not in paths[0]:
-        mf = Path(parents.pop()) / "_manifest.json"
-        if mf.is_file():
-            manifest = json.loads(mf.read_text(encoding="utf-8"))
-    return paths, problems, manifest
-
-
-@dataclass
-class SampleIndex:
-    """Where every usable sample lives. ``fields[j]`` is the extension stored in column j.
-
-    Attributes:
-        shards: tar paths; ``shard[i]`` indexes into it, int32 [N].
-        keys: sample keys, bytes (utf-8) [N].
-        offsets, sizes: byte range of each field's member, int64 [N, F].
-        image_ext: images only: index into IMAGE_EXTS of the image member, int8 [N].
-    """
-
-    shards: list[str]
-    fields: tuple[str, ...]
-    shard: np.ndarray
-    keys: np.ndarray
-    offsets: np.ndarray
-    sizes: np.ndarray
-    image_ext: np.ndarray
-
-
-def build_index(paths: list[str], kind: str, problems: Counter[str]) -> SampleIndex:
-    """Index every tar, drop incomplete samples (counted in ``problems``)."""
-    grouped = []
-    for path in paths:
-        idx = index_tar(path)
-        problems.update(idx.problems)
-        keys, members, gp = group_samples(idx)
-        problems.update(gp)
-        grouped.append((keys, members))
-    if kind == "images":
-        fields: tuple[str, ...] = ("image", "txt")
-    else:  # an optional field present anywhere is required everywhere (one encoder per folder)
-        present = {e for _, ms in grouped for m in ms for e in m}
-        fields = (*LATENT_REQUIRED, *(e for e in LATENT_OPTIONAL if e in present), "txt")
-    known = set(fields) | set(KNOWN_UNREAD) | (set(IMAGE_EXTS) if kind == "images" else set())
-    seen: set[str] = set()
-    shard_ids: list[int] = []
-    keys_out: list[str] = []
-    rows: list[list[tuple[int, int]]] = []
-    exts: list[int] = []
-    for s, (keys, members) in enumerate(grouped):
-        for key, m in zip(keys, members):
-            for e in m:
-                if e not in known:
-                    problems[f"member_ignored:{e}"] += 1
-            ext = 0
-            if kind == "images":
-                imgs = [i for i, e in enumerate(IMAGE_EXTS) if e in m]
-                if not imgs:
-                    problems["sample_missing:image"] += 1
-                    continue
-                if len(imgs) > 1:
-                    problems["member_ignored:extra_image"] += len(imgs) - 1
-                ext = imgs[0]
-                m = {**m, "image": m[IMAGE_EXTS[ext]]}
-            missing = [f for f in fields if f not in m]
-            if missing:
-                problems[f"sample_missing:{missing[0]}"] += 1
-                continue
-            if key in seen:
-                problems["sample_duplicate_key"] += 1
-                continue
-            seen.add(key)
-            shard_ids.append(s)
-            keys_out.append(key)
-            rows.append([m[f] for f in fields])
-            exts.append(ext)
-    arr = np.asarray(rows, np.int64).reshape(len(rows), len(fields), 2)  # [N, F, (offset, size)]
-    return SampleIndex(
-        shards=paths, fields=fields, shard=np.asarray(shard_ids, np.int32),
-        keys=np.char.encode(np.asarray(keys_out, dtype=np.str_), "utf-8") if keys_out else np.zeros(0, "S1"),
-        offsets=arr[:, :, 0].copy(), sizes=arr[:, :, 1].copy(), image_ext=np.asarray(exts, np.int8),
-    )
 
 
 def load_npy(data: bytes) -> np.ndarray:
@@ -336,20 +215,23 @@ def collate(samples: list[dict[str, Any]], max_text_len: int) -> dict[str, Any]:
     batch: dict[str, Any] = {"__key__": [s["__key__"] for s in samples],
                              "caption": [s["caption"] for s in samples]}
     if "image" in samples[0]:
-        img = torch.from_numpy(np.stack([s["image"] for s in samples]))  # [B, H, W, 3] uint8
-        batch["image"] = img.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()  # [B, 3, H, W]
+        img = np.stack([s["image"] for s in samples]).transpose(0, 3, 1, 2)  # [B, H, W, 3] -> [B, 3, H, W]
+        x = img.astype(np.float32)  # numpy, single-threaded: no intra-op thread contention in the loader
+        x *= np.float32(1 / 127.5)
+        x -= np.float32(1.0)
+        batch["image"] = torch.from_numpy(x)
         return batch
     batch["latent"] = torch.from_numpy(np.stack([s["latent"] for s in samples]).astype(np.float32))
     if "tokens" in samples[0]:
         batch["tokens"] = torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64))
     d = samples[0]["text"].shape[1]
-    text = torch.zeros(len(samples), max_text_len, d)  # [B, T, D]
-    mask = torch.zeros(len(samples), max_text_len, dtype=torch.bool)  # [B, T]
+    text = np.zeros((len(samples), max_text_len, d), np.float32)  # [B, T, D]
+    mask = np.zeros((len(samples), max_text_len), np.bool_)  # [B, T]
     for j, s in enumerate(samples):
         n = min(len(s["text"]), max_text_len)
-        text[j, :n] = torch.from_numpy(s["text"][:n].astype(np.float32))
+        text[j, :n] = s["text"][:n]
         mask[j, :n] = True
-    batch["text"], batch["text_mask"] = text, mask
+    batch["text"], batch["text_mask"] = torch.from_numpy(text), torch.from_numpy(mask)
     if "pooled" in samples[0]:
         batch["pooled"] = torch.from_numpy(np.stack([s["pooled"] for s in samples]).astype(np.float32))
     return batch
@@ -392,8 +274,9 @@ class StepBatches(torch.utils.data.Dataset[dict[str, Any]]):
                 last = e
             seq = np.random.SeedSequence([self.reader.cfg.seed, epoch, j, attempt])
             i = int(np.random.default_rng(seq).integers(self.n))
-        raise RuntimeError(f"{MAX_REPLACEMENTS} unreadable samples in a row (last: {last.reason}): "
-                           "the shards are badly damaged") from last
+        hint = ("images differ in size: set data.image_size" if last.reason == "shape_mismatch:image"
+                else "the shards are badly damaged")
+        raise RuntimeError(f"{MAX_REPLACEMENTS} unusable samples in a row (last: {last.reason}): {hint}") from last
 
     def __getitem__(self, k: int) -> dict[str, Any]:
         b = self.reader.cfg.batch_size

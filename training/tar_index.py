@@ -1,4 +1,4 @@
-"""Random access into WebDataset tars: an index of member names and byte ranges.
+"""Random access into WebDataset tars: shard lists, member byte ranges, the sample index.
 
 A WebDataset shard is a plain POSIX tar whose consecutive members ``<key>.<ext>`` form one
 sample. Reading it front to back (``webdataset.WebDataset``) makes a resumable, rank-exact
@@ -11,6 +11,10 @@ end-of-archive blocks, a member running past the end of the file, a garbled head
 its intact members, drops the sample that was being written when it broke, and counts
 ``tar_truncated`` / ``sample_truncated``. An unreadable tar counts ``tar_unreadable``.
 
+``build_index`` groups members into samples (webdataset's key rule), keeps the samples that
+have every field the training kind needs and counts the rest (``sample_missing:<ext>``,
+``member_ignored:<ext>`` for extensions that are never read, ``sample_duplicate_key``).
+
 Indexes are cached (``$LATENTPIPE_CACHE`` or ``~/.cache/latentpipe``, keyed by the tar's
 path, size and mtime) as ``.npz`` files read with ``allow_pickle=False``.
 """
@@ -19,22 +23,32 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 import tarfile
 from collections import Counter
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from glob import glob
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+from braceexpand import braceexpand
 from webdataset.tariterators import base_plus_ext
+
+from preprocessing.config import ConfigError
 
 log = logging.getLogger("latentpipe.data")
 
 BLOCK = 512
 INDEX_VERSION = 1
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+LATENT_REQUIRED = ("latent.npy", "text.npy")
+LATENT_OPTIONAL = ("tokens.npy", "pooled.npy")
+KNOWN_UNREAD = ("json",)  # part of the format, not used for training: never read
 
 
 @dataclass
@@ -241,3 +255,125 @@ def read_ranges(f: IO[bytes], ranges: Iterable[tuple[int, int]]) -> list[bytes]:
             raise OSError(f"short read: {len(b)} of {s} bytes at {o}")
         out.append(b)
     return out
+
+
+def resolve_shards(spec: str) -> tuple[list[str], Counter[str], dict[str, Any] | None]:
+    """Shard tars named by ``spec``, problems found, and the folder's ``_manifest.json``.
+
+    A folder: its ``shard-*.tar`` that have their ``.stats.json`` completion marker
+    (others count ``shard_incomplete``). A glob or brace pattern: the tars it names, as
+    given (a named tar that does not exist counts ``shard_missing``). URLs (``s3://``) as
+    brace patterns only.
+    """
+    problems: Counter[str] = Counter()
+    if not spec:
+        raise ConfigError("data.shards: no shards given (a folder of shard-*.tar or a pattern)")
+    if "://" not in spec and Path(spec).is_dir():
+        folder = Path(spec)
+        tars = sorted(folder.glob("shard-*.tar"))
+        done = [t for t in tars if t.with_name(t.name[:-4] + ".stats.json").is_file()]
+        if len(done) < len(tars):
+            problems["shard_incomplete"] += len(tars) - len(done)
+            log.warning("%s: %d of %d shards have no .stats.json (incomplete), not used",
+                        folder, len(tars) - len(done), len(tars))
+        if not done:
+            raise ConfigError(f"data.shards: no complete shard-*.tar in {folder}")
+        paths = [str(t) for t in done]
+    else:
+        paths = []
+        for p in braceexpand(spec):
+            if "://" in p:
+                paths.append(p)
+            elif any(c in p for c in "*?["):
+                paths.extend(sorted(glob(p)))
+            elif Path(p).is_file():
+                paths.append(p)
+            else:
+                problems["shard_missing"] += 1
+                log.warning("shard %s does not exist, not used", p)
+        if not paths:
+            raise ConfigError(f"data.shards: {spec!r} names no existing tar")
+    manifest = None
+    parents = {os.path.dirname(p) for p in paths}
+    if len(parents) == 1 and "://" not in paths[0]:
+        mf = Path(parents.pop()) / "_manifest.json"
+        if mf.is_file():
+            manifest = json.loads(mf.read_text(encoding="utf-8"))
+    return paths, problems, manifest
+
+
+@dataclass
+class SampleIndex:
+    """Where every usable sample lives. ``fields[j]`` is the extension stored in column j.
+
+    Attributes:
+        shards: tar paths; ``shard[i]`` indexes into it, int32 [N].
+        keys: sample keys, bytes (utf-8) [N].
+        offsets, sizes: byte range of each field's member, int64 [N, F].
+        image_ext: images only: index into IMAGE_EXTS of the image member, int8 [N].
+    """
+
+    shards: list[str]
+    fields: tuple[str, ...]
+    shard: np.ndarray
+    keys: np.ndarray
+    offsets: np.ndarray
+    sizes: np.ndarray
+    image_ext: np.ndarray
+
+
+def build_index(paths: list[str], kind: str, problems: Counter[str]) -> SampleIndex:
+    """Index every tar, drop incomplete samples (counted in ``problems``)."""
+    grouped = []
+    # Threads: scanning is a chain of small seeks + reads, latency-bound on shared storage.
+    with ThreadPoolExecutor(max_workers=min(8, len(paths))) as pool:
+        indexes = list(pool.map(index_tar, paths))
+    for idx in indexes:
+        problems.update(idx.problems)
+        keys, members, gp = group_samples(idx)
+        problems.update(gp)
+        grouped.append((keys, members))
+    if kind == "images":
+        fields: tuple[str, ...] = ("image", "txt")
+    else:  # an optional field present anywhere is required everywhere (one encoder per folder)
+        present = {e for _, ms in grouped for m in ms for e in m}
+        fields = (*LATENT_REQUIRED, *(e for e in LATENT_OPTIONAL if e in present), "txt")
+    known = set(fields) | set(KNOWN_UNREAD) | (set(IMAGE_EXTS) if kind == "images" else set())
+    seen: set[str] = set()
+    shard_ids: list[int] = []
+    keys_out: list[str] = []
+    rows: list[list[tuple[int, int]]] = []
+    exts: list[int] = []
+    for s, (keys, members) in enumerate(grouped):
+        for key, m in zip(keys, members):
+            for e in m:
+                if e not in known:
+                    problems[f"member_ignored:{e}"] += 1
+            ext = 0
+            if kind == "images":
+                imgs = [i for i, e in enumerate(IMAGE_EXTS) if e in m]
+                if not imgs:
+                    problems["sample_missing:image"] += 1
+                    continue
+                if len(imgs) > 1:
+                    problems["member_ignored:extra_image"] += len(imgs) - 1
+                ext = imgs[0]
+                m = {**m, "image": m[IMAGE_EXTS[ext]]}
+            missing = [f for f in fields if f not in m]
+            if missing:
+                problems[f"sample_missing:{missing[0]}"] += 1
+                continue
+            if key in seen:
+                problems["sample_duplicate_key"] += 1
+                continue
+            seen.add(key)
+            shard_ids.append(s)
+            keys_out.append(key)
+            rows.append([m[f] for f in fields])
+            exts.append(ext)
+    arr = np.asarray(rows, np.int64).reshape(len(rows), len(fields), 2)  # [N, F, (offset, size)]
+    return SampleIndex(
+        shards=paths, fields=fields, shard=np.asarray(shard_ids, np.int32),
+        keys=np.char.encode(np.asarray(keys_out, dtype=np.str_), "utf-8") if keys_out else np.zeros(0, "S1"),
+        offsets=arr[:, :, 0].copy(), sizes=arr[:, :, 1].copy(), image_ext=np.asarray(exts, np.int8),
+    )
