@@ -277,7 +277,9 @@ def resolve_shards(spec: str) -> tuple[list[str], Counter[str], dict[str, Any] |
             log.warning("%s: %d of %d shards have no .stats.json (incomplete), not used",
                         folder, len(tars) - len(done), len(tars))
         if not done:
-            raise ConfigError(f"data.shards: no complete shard-*.tar in {folder}")
+            sub = [str(p) for p in (folder / "images", *sorted(folder.glob("latents/*"))) if p.is_dir()]
+            hint = f" (shard folders below it: {', '.join(sub)})" if sub else ""
+            raise ConfigError(f"data.shards: no complete shard-*.tar in {folder}{hint}")
         paths = [str(t) for t in done]
     else:
         paths = []

@@ -258,3 +258,11 @@ def test_index_cache_is_used_and_invalidated(tmp_path: Path) -> None:
     make_image_shards(tmp_path / "d", 2, 4, size=32)  # rewritten: new size and mtime
     assert len(ShardStream(DataConfig(shards=str(folder), num_workers=0), 0, 1).skipped) == 0
     assert ShardStream(DataConfig(shards=str(folder), num_workers=0), 0, 1).num_samples == 8
+
+
+def test_global_batch_larger_than_the_dataset(tmp_path: Path) -> None:
+    folder = make_latent_shards(tmp_path, 1, 3, with_tokens=False)
+    stream = sum(global_keys(folder, world=2, batch=4, steps=3, kind="latents"), [])  # 24 = 8 epochs of 3
+    assert all(sorted(stream[i:i + 3]) == ["00000000", "00000001", "00000002"] for i in range(0, 24, 3))
+    with pytest.raises(ConfigError, match="shard folders below it"):
+        ShardStream(DataConfig(shards=str(tmp_path), kind="latents"), 0, 1)
