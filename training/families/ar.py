@@ -1,0 +1,153 @@
+"""The ``ar`` family: a DALL·E-style autoregressive prior over VQGAN tokens (INTERFACES §4).
+
+Trains on latent shards (``tokens``, ``text``, ``text_mask``) with next-token cross-entropy and
+caption dropout; samples token grids with top-k / top-p and classifier-free guidance, decoded to
+pixels by the VQGAN named in the config (or shown as false-colour code maps without one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from training.ar_sampling import ARSampleConfig, TokenDecoder, decode_tokens, sample_tokens, vqmodel_decoder
+from training.families import register
+from training.families.base import Family
+from training.models.ar import ARConfig, ARPrior, ar_demo, build_ar
+from training.objectives.autoregressive import AutoregressiveObjective
+
+
+@dataclass
+class ARFamilyConfig:
+    """The ``model:`` section of an AR prior config (minus ``kind: ar``)."""
+
+    net: ARConfig = field(default_factory=ar_demo)
+    cond_drop: float = 0.1  # probability of training a sample with its caption dropped (CFG)
+    sample: ARSampleConfig = field(default_factory=ARSampleConfig)
+    vqgan: str = ""  # VQGAN export folder that decodes sample grids ("" -> false-colour code maps)
+    grid_samples: int = 8  # samples per logged grid
+    sample_seed: int = 0  # seed of the logged grids (the same draws every time)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.cond_drop <= 1.0:
+            raise ValueError(f"cond_drop must be in [0, 1], got {self.cond_drop}")
+        if self.grid_samples < 1:
+            raise ValueError(f"grid_samples must be >= 1, got {self.grid_samples}")
+
+
+def _unwrap(module: nn.Module) -> ARPrior:
+    """The ARPrior inside a DeepSpeed engine (or the module itself)."""
+    inner = getattr(module, "module", module)
+    if not isinstance(inner, ARPrior):
+        raise TypeError(f"expected an ARPrior, got {type(inner).__name__}")
+    return inner
+
+
+def image_grid(images: torch.Tensor) -> Image.Image:
+    """Images [B, 3, H, W] in [-1, 1] -> one row, as a PIL image."""
+    imgs = images.detach().float().cpu().clamp(-1, 1)
+    row = torch.cat(list(imgs), dim=2)  # [3, H, B*W]
+    arr = ((row.permute(1, 2, 0).numpy() + 1.0) * 127.5).round().astype(np.uint8)  # [H, B*W, 3]
+    return Image.fromarray(arr)
+
+
+def code_map(tokens: torch.Tensor, grid: tuple[int, int], scale: int = 4) -> torch.Tensor:
+    """False-colour images [B, 3, h*scale, w*scale] in [-1, 1] of code ids [B, h*w] (a fixed palette)."""
+    h, w = grid
+    ids = tokens.long().cpu().reshape(-1, h, w)  # [B, h, w]
+    rgb = torch.stack([(ids * 97) % 256, (ids * 57 + 80) % 256, (ids * 31 + 160) % 256], dim=1)  # [B, 3, h, w]
+    rgb = rgb.float() / 127.5 - 1.0
+    return rgb.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+
+
+@register
+class ARFamily(Family):
+    """Decoder-only transformer over [text prefix] + [BOS] + VQGAN tokens."""
+
+    name = "ar"
+    data_kind = "latents"
+    config_class = ARFamilyConfig
+    cfg: ARFamilyConfig
+
+    def __init__(self, cfg: ARFamilyConfig) -> None:
+        super().__init__(cfg)
+        self.objective = AutoregressiveObjective(cfg.net.codebook_size, cfg.cond_drop)
+        self._decoder: TokenDecoder | None = None
+
+    def build(self) -> dict[str, nn.Module]:
+        return {"model": build_ar(self.cfg.net)}
+
+    def _batch(self, batch: Mapping[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+        for key in ("tokens", "text", "text_mask"):
+            if key not in batch:
+                raise ValueError(f"the ar family needs latent shards with {key!r} (VQGAN tokens and text embeddings)")
+        tokens = batch["tokens"]
+        n = self.cfg.net.num_image_tokens
+        if tokens.ndim != 2 or tokens.shape[1] != n:
+            raise ValueError(f"tokens {list(tokens.shape)} do not fit the model grid {self.cfg.net.grid} ({n} tokens)")
+        return {"tokens": tokens.to(device), "text": batch["text"].to(device),
+                "text_mask": batch["text_mask"].to(device)}
+
+    def loss(self, part: str, modules: Mapping[str, nn.Module], batch: Mapping[str, Any], step: int
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        if part != "model":
+            raise KeyError(f"ar has no part {part!r}")
+        model = modules["model"]
+        device = next(_unwrap(model).parameters()).device
+        return self.objective.loss(model, self._batch(batch, device))
+
+    def decoder(self) -> TokenDecoder | None:
+        """The VQGAN decoder of ``cfg.vqgan`` (loaded once), or None when no VQGAN is configured."""
+        if not self.cfg.vqgan:
+            return None
+        if self._decoder is None:
+            from training.export import load_export
+
+            _, vq = load_export(self.cfg.vqgan)
+            codes = getattr(getattr(vq, "config", None), "num_vq_embeddings", None)
+            if codes != self.cfg.net.codebook_size:
+                raise ValueError(f"model.vqgan {self.cfg.vqgan} has {codes} codes, "
+                                 f"model.net.codebook_size is {self.cfg.net.codebook_size}")
+            self._decoder = vqmodel_decoder(vq)
+        return self._decoder
+
+    @torch.no_grad()
+    def generate(
+        self,
+        module: nn.Module,
+        text: torch.Tensor | None,
+        text_mask: torch.Tensor | None,
+        generator: torch.Generator | None = None,
+        sample: ARSampleConfig | None = None,
+        batch_size: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample code ids [B, h*w] and images [B, 3, H, W] in [-1, 1] (false-colour maps without a VQGAN).
+
+        ``text`` [B, L, D] / ``text_mask`` [B, L] as in a latent batch; None for unconditional samples.
+        """
+        net = _unwrap(module)
+        device = next(net.parameters()).device
+        if text is not None:
+            text = text.to(device)
+            text_mask = text_mask.to(device) if text_mask is not None else None
+        tokens = sample_tokens(net, text, text_mask, sample or self.cfg.sample, generator, batch_size)
+        dec = self.decoder()
+        images = decode_tokens(tokens, self.cfg.net.grid, dec) if dec is not None else code_map(tokens, self.cfg.net.grid)
+        return tokens, images
+
+    def log_images(self, modules: Mapping[str, nn.Module], batch: Mapping[str, Any]) -> dict[str, Image.Image]:
+        """A row of samples for the batch's first captions (same seed every time)."""
+        n = min(self.cfg.grid_samples, int(batch["text"].shape[0]))
+        device = next(_unwrap(modules["model"]).parameters()).device
+        gen = torch.Generator(device=device).manual_seed(self.cfg.sample_seed)
+        _, images = self.generate(modules["model"], batch["text"][:n], batch["text_mask"][:n], gen)
+        return {"samples": image_grid(images)}
+
+
+__all__ = ["ARFamily", "ARFamilyConfig", "code_map", "image_grid"]
