@@ -12,7 +12,7 @@ import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -20,6 +20,9 @@ from torch import nn
 
 from preprocessing.config import ConfigError
 from training.families import Family, family_from_config
+
+if TYPE_CHECKING:
+    from training.ema import ShardedEMA
 
 SCHEMA_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -67,6 +70,41 @@ def save_export(
     return out
 
 
+@torch.no_grad()
+def consolidated_state_dict(engine: Any, ema: ShardedEMA | None = None) -> dict[str, torch.Tensor]:
+    """Collective: the primary module's full fp32 state dict on rank 0 ({} on other ranks).
+
+    Trainable parameters are the EMA (when ``ema`` has started) or DeepSpeed's fp32 masters,
+    gathered by DeepSpeed (``safe_get_full_fp32_param``: the ZeRO-1/2 fragments or ZeRO-3
+    partitions); frozen ZeRO-3 parameters through ``zero.GatheredParameters``; buffers as held.
+    """
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    module: nn.Module = engine.module
+    ema_full = ema.full_state() if ema is not None and ema.started else {}
+    values: dict[int, torch.Tensor] = {}
+    for name, p in module.named_parameters():
+        if p.requires_grad and ema is not None and ema.started:
+            if rank == 0:
+                values[id(p)] = ema_full[name]
+            continue
+        full = safe_get_full_fp32_param(p) if p.requires_grad else None
+        if full is None and hasattr(p, "ds_id"):
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                full = p.data.detach().clone()
+        if full is None:
+            full = p.data.detach()
+        if rank == 0:
+            values[id(p)] = full.float().cpu() if full.is_floating_point() else full.cpu()
+    for b in module.buffers():
+        values[id(b)] = b.detach().cpu()
+    if rank != 0:
+        return {}
+    return {k: values[id(v)].clone() for k, v in module.state_dict(keep_vars=True).items() if id(v) in values}
+
+
 def read_export_meta(dir: str | Path) -> dict[str, Any]:
     """The parsed ``export.json`` of an export folder (checked schema)."""
     p = Path(dir) / META
@@ -101,4 +139,4 @@ def load_export(dir: str | Path, map_location: str | torch.device = "cpu") -> tu
     return family, module
 
 
-__all__ = ["META", "SCHEMA_VERSION", "WEIGHTS", "load_export", "read_export_meta", "save_export"]
+__all__ = ["META", "SCHEMA_VERSION", "WEIGHTS", "consolidated_state_dict", "load_export", "read_export_meta", "save_export"]

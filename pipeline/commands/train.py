@@ -1,0 +1,42 @@
+"""Train a model family with DeepSpeed: locally, under torchrun / the deepspeed launcher, or on Ray Train."""
+
+from __future__ import annotations
+
+import argparse
+
+from pipeline.cli import UserError, add_config_arguments, print_config_and_exit, resolve_config
+
+NAME = "train"
+HELP = "train a model family (DeepSpeed ZeRO; local, torchrun, deepspeed or Ray Train)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--launcher", choices=["local", "torchrun", "deepspeed", "ray"], default="local",
+                   help="how ranks are started (default local: one rank in this process)")
+    p.add_argument("--nproc", type=int, default=1, help="ranks per node (ray: workers in all)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest complete checkpoint in the workdir (an error if none)")
+    p.add_argument("--nnodes", type=int, default=1, help="nodes (torchrun/deepspeed multi-node)")
+    p.add_argument("--node-rank", type=int, default=0, help="this node's rank (torchrun, deepspeed --no_ssh)")
+    p.add_argument("--master-addr", help="rendezvous host of node 0 (multi-node)")
+    p.add_argument("--master-port", type=int, help="rendezvous port (multi-node)")
+    p.add_argument("--hostfile", help="deepspeed launcher hostfile (ssh/pdsh multi-node)")
+    add_config_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from training.config import TrainConfig
+    from training.launch import LaunchOptions, launch
+
+    cfg = resolve_config(TrainConfig, args, {"resume": True if args.resume else None})
+    if print_config_and_exit(cfg, args):
+        return 0
+    if not cfg.data.shards:
+        raise UserError("data.shards is required (a folder of shard-*.tar, or a glob of tars)")
+    opts = LaunchOptions(launcher=args.launcher, nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
+                         master_addr=args.master_addr, master_port=args.master_port, hostfile=args.hostfile)
+    if opts.nproc < 1 or opts.nnodes < 1:
+        raise UserError("--nproc and --nnodes must be >= 1")
+    if opts.launcher == "local" and (opts.nproc != 1 or opts.nnodes != 1):
+        raise UserError("the local launcher runs one rank: use --launcher torchrun|deepspeed|ray for more")
+    return launch(cfg, opts)

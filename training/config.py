@@ -1,0 +1,120 @@
+"""The training config: one typed dataclass tree filled from YAML and ``key=value`` overrides.
+
+``model`` is a plain mapping whose ``kind`` names the family; the rest of it is parsed by
+that family's ``config_class`` (errors name ``model.<key>``). Every other section is a
+dataclass with defaults, so an empty config trains the toy family on ``data.shards``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from training.data import DataConfig
+from training.tracking import TrackingConfig
+
+
+@dataclass
+class OptimConfig:
+    """AdamW + linear warmup + cosine decay (DeepSpeed's ``WarmupCosineLR``) + global-norm clipping."""
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio at the last step
+    grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    part_lr: dict[str, float] = field(default_factory=dict)  # per-part lr override, e.g. {disc: 2e-4}
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or any(v <= 0 for v in self.part_lr.values()):
+            raise ValueError("lr (and every part_lr) must be > 0")
+        if self.warmup_steps < 0 or not 0.0 <= self.min_lr_ratio <= 1.0 or self.grad_clip < 0:
+            raise ValueError("need warmup_steps >= 0, 0 <= min_lr_ratio <= 1, grad_clip >= 0")
+
+
+@dataclass
+class DeepSpeedSection:
+    """How DeepSpeed shards and computes; ``extra`` is merged verbatim into the generated DS config."""
+
+    zero_stage: int = 2
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_accum: int = 1  # micro-batches per optimizer step
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer state + fp32 master on CPU (stages 1-3)
+    offload_params: bool = False  # ZeRO-Infinity style parameter offload to CPU (stage 3 only)
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on GPUs, gloo on CPU
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage >= 1")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage 3")
+
+
+@dataclass
+class EmaConfig:
+    """EMA of the primary module's trainable weights, sharded like the fp32 master weights."""
+
+    enabled: bool = True
+    decay: float = 0.999
+    start_step: int = 0  # the EMA starts as a copy of the weights after this many steps
+    every: int = 1  # update every N optimizer steps (decay applied as decay**N)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {self.decay}")
+        if self.start_step < 0 or self.every < 1:
+            raise ValueError("need start_step >= 0 and every >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000  # 0: only at the end and on SIGTERM
+    keep_last: int = 3  # complete checkpoints kept (older ones are deleted after a new one completes)
+    dir: str = ""  # default <workdir>/checkpoints
+    export: bool = True  # consolidated safetensors export at the end (<workdir>/export)
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 0 or self.keep_last < 1:
+            raise ValueError("need every_steps >= 0 and keep_last >= 1")
+
+
+@dataclass
+class TrainConfig:
+    """``latentpipe train`` config (see configs/train_toy.yaml)."""
+
+    model: dict[str, Any] = field(default_factory=lambda: {"kind": "toy"})
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    steps: int = 1000  # optimizer steps in the whole run
+    eval_every: int = 0  # steps between evaluations on a fixed batch (0 = off)
+    sample_every: int = 0  # steps between sample grids (Family.log_images) (0 = off)
+    log_every: int = 1  # steps between metric logs
+    eval_shards: str = ""  # shards of the fixed eval batch (default: data.shards)
+    workdir: str = "runs/train"
+    seed: int = 0  # model init and torch/numpy/python RNG (the data order has data.seed)
+    nonfinite: Literal["skip", "stop"] = "skip"  # a non-finite loss: skip that step, or stop the run
+    max_nonfinite: int = 100  # stop anyway after this many skipped steps
+    resume: bool = False  # continue from the latest complete checkpoint (none: an error)
+    log_keys: bool = False  # append each step's sample keys to <workdir>/keys/rank-R.jsonl (audit)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model.get("kind"), str):
+            raise ValueError("model.kind must name a model family, e.g. 'toy'")
+        if self.steps < 0 or self.eval_every < 0 or self.sample_every < 0 or self.log_every < 1:
+            raise ValueError("need steps, eval_every, sample_every >= 0 and log_every >= 1")
+        if self.max_nonfinite < 1:
+            raise ValueError(f"max_nonfinite must be >= 1, got {self.max_nonfinite}")
+
+
+__all__ = ["CheckpointConfig", "DeepSpeedSection", "EmaConfig", "OptimConfig", "TrainConfig"]

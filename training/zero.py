@@ -1,0 +1,152 @@
+"""DeepSpeed setup: process group from the environment, DS configs, one engine per family part.
+
+ZeRO (Rajbhandari et al. 2020) stage 0-3, optimizer/parameter offload, bf16/fp16/fp32,
+gradient accumulation and clipping come from ``TrainConfig.deepspeed``/``optim``; the LR
+schedule is DeepSpeed's ``WarmupCosineLR`` (linear warmup, cosine decay to a floor).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from training.config import TrainConfig
+
+log = logging.getLogger("latentpipe.train")
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def setup_distributed(backend: str = "auto") -> DistInfo:
+    """Join (or create) the default process group from RANK/WORLD_SIZE/MASTER_* (torchrun, the
+    deepspeed launcher, SLURM via our scripts, Ray Train). Without them: a 1-rank group on 127.0.0.1."""
+    import deepspeed
+
+    cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+    chosen = backend if backend != "auto" else ("nccl" if cuda else "gloo")
+    if not dist.is_initialized() and "RANK" not in os.environ:
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend=chosen, auto_mpi_discovery=False, verbose=False)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, dist.get_backend())
+
+
+def _merge(dst: dict[str, Any], src: Mapping[str, Any]) -> dict[str, Any]:
+    for k, v in src.items():
+        if isinstance(v, Mapping) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v)
+        else:
+            dst[k] = copy.deepcopy(v)
+    return dst
+
+
+def ds_config(cfg: TrainConfig, part: str, world_size: int, universal: bool = False) -> dict[str, Any]:
+    """The DeepSpeed config dict of one part's engine."""
+    ds, opt = cfg.deepspeed, cfg.optim
+    on_gpu = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+    warmup = max(1, opt.warmup_steps)
+    out: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": ds.grad_accum,
+        "train_batch_size": cfg.data.batch_size * ds.grad_accum * world_size,
+        "gradient_clipping": opt.grad_clip,
+        "zero_optimization": zero,
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": opt.part_lr.get(part, opt.lr), "betas": list(opt.betas), "eps": opt.eps,
+            "weight_decay": opt.weight_decay,
+            # torch's AdamW off GPUs (DeepSpeed's fused/CPU Adam need a compiled op there)
+            **({} if on_gpu or ds.offload_optimizer else {"torch_adam": True})}},
+        "scheduler": {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": max(cfg.steps, warmup + 1), "warmup_num_steps": warmup,
+            "warmup_type": "linear", "warmup_min_ratio": 0.0 if opt.warmup_steps else 1.0,
+            "cos_min_ratio": opt.min_lr_ratio}},
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16", "initial_scale_power": 16},
+        "checkpoint": {"load_universal": universal},
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    return _merge(out, ds.extra)
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters; no weight decay on biases and norms (parameters with < 2 dims)."""
+    decay = [p for p in module.parameters() if p.requires_grad and p.ndim >= 2]
+    other = [p for p in module.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_modules(family: Any, cfg: TrainConfig, world_size: int) -> dict[str, nn.Module]:
+    """``family.build()`` with the same seed on every rank; under ZeRO-3 inside ``zero.Init``
+    (parameters are partitioned as they are created, so no rank holds the full model)."""
+    import deepspeed
+
+    torch.manual_seed(cfg.seed)
+    ctx: Any = contextlib.nullcontext()
+    if cfg.deepspeed.zero_stage == 3:
+        ctx = deepspeed.zero.Init(config_dict_or_path=ds_config(cfg, "model", world_size))
+    with ctx:
+        modules = family.build()
+    if "model" not in modules:
+        raise ValueError(f"family {family.name!r}: build() must return a 'model' entry, got {sorted(modules)}")
+    return modules
+
+
+def build_engines(modules: Mapping[str, nn.Module], cfg: TrainConfig, world_size: int,
+                  universal: bool = False) -> dict[str, Any]:
+    """One DeepSpeed engine (own optimizer + scheduler) per part."""
+    import deepspeed
+
+    engines: dict[str, Any] = {}
+    for part, module in modules.items():
+        if not any(p.requires_grad for p in module.parameters()):
+            raise ValueError(f"part {part!r} has no trainable parameters")
+        engine, _, _, _ = deepspeed.initialize(
+            model=module, model_parameters=param_groups(module, cfg.optim.weight_decay),
+            config=ds_config(cfg, part, world_size, universal))
+        engines[part] = engine
+    return engines
+
+
+def uses_fp32_partitions(engine: Any) -> bool:
+    """True when DeepSpeed keeps partitioned fp32 masters and skips non-finite steps itself."""
+    return bool(engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled())
+
+
+__all__ = ["DistInfo", "build_engines", "build_modules", "ds_config", "param_groups", "setup_distributed",
+           "uses_fp32_partitions"]
