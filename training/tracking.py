@@ -1,0 +1,585 @@
+"""MLflow tracking that never stalls or crashes training (INTERFACES.md section 5).
+
+A write-ahead log between the training loop and MLflow:
+
+- ``log_*`` calls only put a small record on a bounded in-memory queue: no I/O, no network.
+- A *spooler* thread appends the records to a JSONL spool under the workdir
+  (``<workdir>/mlflow-spool/<run_key>.jsonl``); images are encoded, artifacts hard-linked
+  (or copied) and registered models saved next to it, so a spool is self-contained and
+  survives a crash of the training process.
+- A *sender* thread replays the spool in order to MLflow with short HTTP timeouts and no
+  client retries (MLflow's own retry one call for minutes), committing a byte offset after
+  each success. While the server is unreachable it backs off and the spool grows; when the
+  server is back the spool drains in order and each metric keeps its step and timestamp.
+- Replays are idempotent (``training/tracking_spool.py``), so a crash between a send and
+  its commit never duplicates anything.
+- ``close()`` waits a bounded time; what is still unsent stays in the spool and is replayed
+  by the next Tracker in the same workdir, or by ``replay_spool(path, uri)`` /
+  ``python -m training.tracking replay PATH [--uri URI]``.
+
+Registered models are MLflow pyfunc *models from code* (``training/mlflow_model.py``) whose
+artifact is the export folder (safetensors + export.json): nothing is pickled. Only rank 0
+tracks: ``Tracker(active=False)`` starts no thread and every call returns at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import getpass
+import json
+import logging
+import os
+import queue
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from PIL import Image
+
+from training.tracking_spool import (
+    REJECTED_FILE,
+    RUN_KEY_TAG,
+    SPOOL_DIR,
+    Replayer,
+    Spool,
+    TrackingUnavailable,
+    drain,
+    fast_fail_http,
+    import_mlflow,
+    link_tree,
+    replay_spool,
+)
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "mlflow-run.json"  # <workdir>/mlflow-run.json: this workdir's run key, for --resume
+QUEUE_SIZE = 100_000
+ROTATE_BYTES = 8 << 20
+MAX_PARAM_LEN = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
+MAX_KEY_LEN = 250  # MAX_ENTITY_KEY_LENGTH
+MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
+_STOP = object()
+
+
+@dataclass
+class TrackingConfig:
+    """The ``tracking:`` section of a training config."""
+
+    uri: str | None = None          # None: $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db
+    experiment: str = "latentpipe"
+    run_name: str | None = None
+    enabled: bool = True
+    system_metrics: bool = True     # mlflow's CPU/memory/disk/network/GPU monitors as system/* metrics
+    register_as: str | None = None  # registered model name for final/best exports
+    http_timeout: int = 10          # seconds per HTTP request to a tracking server (0 client retries)
+    retry_max_s: float = 30.0       # longest pause between attempts while the server is unreachable
+
+
+def resolve_uri(uri: str | None, workdir: Path) -> str:
+    """The tracking URI: config, else $MLFLOW_TRACKING_URI, else ``sqlite:///<workdir>/mlflow.db``."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
+
+
+def _safe_key(key: str) -> str:
+    """An MLflow-valid param/metric/tag key (alphanumerics, ``_-. /:``; <= 250 chars)."""
+    return re.sub(r"[^\w./\- :]", "_", key)[:MAX_KEY_LEN]
+
+
+def _param_value(value: Any) -> str:
+    text = json.dumps(value, default=str) if isinstance(value, (list, tuple, dict)) else str(value)
+    if len(text) > MAX_PARAM_LEN:
+        marker = "...[truncated; full value in config.yaml]"
+        text = text[: MAX_PARAM_LEN - len(marker)] + marker
+    return text
+
+
+def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested mappings -> ``{"a.b.c": "value"}`` (lists as JSON, values cut to MLflow's 6000 chars)."""
+    out: dict[str, str] = {}
+    for k, v in params.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(flatten_params(v, key + "."))
+        else:
+            out[_safe_key(key)] = _param_value(v)
+    return out
+
+
+def git_commit(path: Path | None = None) -> str | None:
+    """The commit of the git checkout holding ``path`` (default: this package), or None."""
+    where = Path(path) if path else Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+class _SystemMetrics:
+    """Samples mlflow's system monitors (CPU, memory, disk, network, NVIDIA/AMD GPUs) into the tracker."""
+
+    def __init__(self, tracker: Tracker, interval: float) -> None:
+        self.tracker, self.interval = tracker, interval
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="tracking-sysmetrics", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        try:
+            import_mlflow()
+            from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
+            from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
+            from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
+        except ImportError as e:  # mlflow's monitors need psutil
+            log.info("system metrics unavailable: %s", e)
+            self.tracker.set_tags({"latentpipe.system_metrics": f"unavailable: {e}"})
+            return
+        monitors: list[Any] = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
+        with contextlib.suppress(Exception):
+            from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+
+            monitors.append(GPUMonitor())
+        step = 0
+        while True:
+            for m in monitors:
+                m.collect_metrics()
+            stopping = self._stop.wait(self.interval)
+            if stopping:
+                for m in monitors:
+                    m.collect_metrics()
+            values: dict[str, float] = {}
+            for m in monitors:
+                values.update({f"system/{k}": float(v) for k, v in m.aggregate_metrics().items()})
+                m.clear_metrics()
+            self.tracker.log_metrics(values, step)
+            step += 1
+            if stopping:
+                return
+
+    def stop(self, timeout: float) -> None:
+        self._stop.set()
+        self.thread.join(timeout)
+
+
+class Tracker:
+    """One MLflow run per job, logged from rank 0 without ever blocking or failing the step.
+
+    ``Tracker(cfg, workdir, active=rank == 0)``; with ``resume=True`` a job restarted in the
+    same workdir continues its MLflow run. Every method is a cheap no-op when inactive.
+    """
+
+    def __init__(self, cfg: TrackingConfig, workdir: Path, active: bool, *, resume: bool = False) -> None:
+        self.cfg, self.workdir = cfg, Path(workdir)
+        self.active = bool(active and cfg.enabled)
+        self.run_id: str | None = None
+        self.uri: str | None = None
+        self.spool_path: Path | None = None
+        self._closed = False
+        if not self.active:
+            return
+        self.uri = resolve_uri(cfg.uri, self.workdir)
+        if self.uri.startswith(("http://", "https://")):
+            fast_fail_http(cfg.http_timeout)
+        spool_dir = self.workdir / SPOOL_DIR
+        spool_dir.mkdir(parents=True, exist_ok=True)
+        self.run_key = self._run_key(resume)
+        self._spool = Spool(spool_dir / f"{self.run_key}.jsonl")
+        if not self._spool.try_lock():
+            raise RuntimeError(f"{self._spool.path}: another tracker is logging this run in this workdir")
+        self._spool.repair()
+        state = self._spool.load_state()
+        if state.get("uri") not in (None, self.uri):  # the old run lives in another store: start afresh
+            state = {"offset": state.get("offset", 0)}
+        self._spool.save_state({**state, "uri": self.uri, "run_key": self.run_key})
+        self.spool_path = self._spool.path
+        self.git_commit = git_commit()
+
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_SIZE)
+        self._cond = threading.Condition()
+        self._spool_lock = threading.Lock()
+        self._wake, self._kick, self._stop = threading.Event(), threading.Event(), threading.Event()
+        self._closing = False
+        self._n_put = self._n_written = self._dropped = 0
+        self._online: bool | None = None
+        self._last_warning = 0.0
+        self._results: dict[str, str | None] = {}
+        self._replayer = Replayer(self._spool, self.uri, self._on_run, self._on_register)
+
+        tags = {RUN_KEY_TAG: self.run_key, "mlflow.source.type": "LOCAL", "latentpipe.host": socket.gethostname(),
+                "mlflow.source.name": Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"}
+        with contextlib.suppress(Exception):
+            tags["mlflow.user"] = getpass.getuser()
+        if self.git_commit:
+            tags.update({"mlflow.source.git.commit": self.git_commit, "git_commit": self.git_commit})
+        self._put({"op": "start", "run_key": self.run_key, "experiment": cfg.experiment, "run_name": cfg.run_name,
+                   "tags": tags, "start_time": _now_ms()})
+        self._spooler = threading.Thread(target=self._spool_loop, name="tracking-spooler", daemon=True)
+        self._sender = threading.Thread(target=self._send_loop, name="tracking-sender", daemon=True)
+        self._spooler.start()
+        self._sender.start()
+        env = os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "").lower()
+        self._sysmon = None
+        if cfg.system_metrics and env not in ("false", "0"):
+            interval = float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL") or 10.0)
+            self._sysmon = _SystemMetrics(self, interval)
+
+    # ---- the public, never-blocking API -------------------------------------------------
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Nested dicts are flattened to dotted keys; values are cut to MLflow's 6000 chars."""
+        if self.active:
+            self._put({"op": "params", "params": flatten_params(params)})
+
+    def log_config(self, cfg_dict: Mapping[str, Any]) -> None:
+        """The resolved config as params and as the ``config.yaml`` artifact."""
+        if not self.active:
+            return
+        self.log_params(cfg_dict)
+        text = yaml.safe_dump(json.loads(json.dumps(dict(cfg_dict), default=str)), sort_keys=False)
+        self._put({"op": "artifact", "artifact_path": None}, ("text", "config.yaml", text))
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Queue ``metrics`` at ``step`` with the current time; never blocks (drops, counted, if full)."""
+        if self.active:
+            self._put({"op": "metrics", "metrics": {_safe_key(k): float(v) for k, v in metrics.items()},
+                       "step": int(step), "timestamp": _now_ms()})
+
+    def log_image(self, image: Image.Image, name: str, step: int | None = None) -> None:
+        """A PNG artifact under ``images/`` named ``<name>[_step00000123].png``."""
+        if not self.active:
+            return
+        parts = [re.sub(r"[^\w.\-]", "_", p) for p in name.split("/") if p not in ("", ".", "..")]
+        stem = parts[-1] if parts else "image"
+        file = f"{stem}_step{step:08d}.png" if step is not None else f"{stem}.png"
+        self._put({"op": "artifact", "artifact_path": "/".join(["images", *parts[:-1]])},
+                  ("image", file, image.copy()))
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """A file or folder, snapshotted now (hard links, else a copy in the background)."""
+        if not self.active:
+            return
+        src = Path(path)
+        if not src.exists():
+            raise FileNotFoundError(f"no such artifact: {src}")
+        rel = f"{uuid.uuid4().hex}/{src.name}"
+        try:
+            link_tree(src, self._spool.files / rel)
+            payload: Any = None
+        except OSError:
+            payload = ("copy", rel, src)
+        self._put({"op": "artifact", "artifact_path": artifact_path, "file": rel}, payload)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if self.active:
+            self._put({"op": "tags", "tags": {_safe_key(k): str(v)[:8000] for k, v in tags.items()}})
+
+    def register_model(self, export_dir: Path, name: str, tags: Mapping[str, str],
+                       aliases: Sequence[str] = (), timeout: float = 600.0) -> str | None:
+        """Register an export folder as a new version of ``name`` (pyfunc from code) with ``aliases``.
+
+        Lineage ``tags`` (data manifest hash, encoder versions, ...) get ``git_commit`` added.
+        Returns ``models:/<name>/<version>`` once registered, or None when the store is
+        unreachable (or slower than ``timeout``): the registration then stays spooled and is
+        done on replay.
+        """
+        if not self.active or self._closed:
+            return None
+        src = Path(export_dir)
+        for f in ("export.json", "model.safetensors"):
+            if not (src / f).is_file():
+                raise FileNotFoundError(f"not an export folder (no {f}): {src}")
+        for a in aliases:
+            if not re.fullmatch(r"[\w\-]+", a) or a.lower() == "latest" or re.fullmatch(r"[vV]\d+", a):
+                raise ValueError(f"invalid model alias {a!r} (letters, digits, _ and -; not 'latest' or v<N>)")
+        key = f"{self.run_key}-{uuid.uuid4().hex[:12]}"
+        label = f"{aliases[0] if aliases else 'model'}-{key[-12:]}"
+        link_tree(src, self._spool.files / key / "export")
+        all_tags = {**{str(k): str(v) for k, v in tags.items()}, RUN_KEY_TAG: self.run_key}
+        if self.git_commit:
+            all_tags.setdefault("git_commit", self.git_commit)
+        self._put({"op": "register", "key": key, "name": name, "tags": all_tags, "aliases": list(aliases),
+                   "label": label, "model_dir": f"{key}/model"}, ("model", key))
+        if self._online is False:  # known unreachable: registered on replay
+            return None
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while key not in self._results:
+                left = deadline - time.monotonic()
+                if self._online is False or left <= 0:
+                    return None
+                self._cond.wait(min(left, 0.5))
+            return self._results.pop(key)
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait up to ``timeout`` s until everything logged so far reached MLflow; True if it did."""
+        if not self.active:
+            return True
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            target = self._n_put
+        self._kick.set()
+        self._wake.set()
+        with self._cond:
+            while not (self._n_written >= target and not self._replayer.pending()):
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._sender.is_alive():
+                    return False
+                self._cond.wait(min(left, 0.2))
+        return True
+
+    @property
+    def online(self) -> bool | None:
+        """Whether the last attempt to reach MLflow worked (None before the first)."""
+        return self._online if self.active else None
+
+    def close(self, status: str = "FINISHED", timeout: float = 30.0) -> None:
+        """End the run: send what is spooled within ``timeout`` s, else leave it on disk and say how to replay."""
+        if not self.active or self._closed:
+            return
+        deadline = time.monotonic() + timeout
+        if self._sysmon is not None:
+            self._sysmon.stop(max(0.0, min(5.0, deadline - time.monotonic())))
+        self._put({"op": "end", "status": status, "end_time": _now_ms()})
+        self._closed = True
+        with contextlib.suppress(queue.Full):
+            self._queue.put(_STOP, timeout=max(0.0, deadline - time.monotonic()))
+        self._spooler.join(max(0.0, deadline - time.monotonic()))
+        self._closing = True
+        sent = self.flush(max(0.0, deadline - time.monotonic()))
+        self._stop.set()
+        self._kick.set()
+        self._wake.set()
+        self._sender.join(max(0.0, deadline - time.monotonic()))
+        if self._dropped:
+            log.warning("tracking: %d events were dropped because the queue was full", self._dropped)
+        if sent and not self._sender.is_alive():
+            self._spool.remove()
+            return
+        pending = self._spool.size() - int(self._replayer.state["offset"])
+        log.warning(
+            "MLflow tracking at %s was not reachable before close: %d bytes of tracking events (metrics, "
+            "params, images, model registrations) are kept in %s. The next run in %s replays them "
+            "automatically; to replay them now: python -m training.tracking replay %s --uri %s",
+            self.uri, pending, self._spool.path, self.workdir, self._spool.path, self.uri)
+        if not self._sender.is_alive():
+            self._spool.unlock()
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.close("FAILED" if exc_type else "FINISHED")
+
+    # ---- internals ---------------------------------------------------------------------
+    def _run_key(self, resume: bool) -> str:
+        run_file = self.workdir / RUN_FILE
+        if resume and run_file.exists():
+            info = json.loads(run_file.read_text(encoding="utf-8"))
+            if info.get("uri") == self.uri and info.get("experiment") == self.cfg.experiment:
+                return str(info["run_key"])
+        key = uuid.uuid4().hex
+        self._write_run_file({"run_key": key, "uri": self.uri, "experiment": self.cfg.experiment, "run_id": None})
+        return key
+
+    def _write_run_file(self, info: Mapping[str, Any]) -> None:
+        tmp = self.workdir / (RUN_FILE + ".tmp")
+        tmp.write_text(json.dumps(info, indent=1), encoding="utf-8")
+        os.replace(tmp, self.workdir / RUN_FILE)
+
+    def _on_run(self, run_id: str) -> None:
+        self.run_id = run_id
+        self._write_run_file({"run_key": self.run_key, "uri": self.uri, "experiment": self.cfg.experiment,
+                              "run_id": run_id})
+
+    def _on_register(self, key: str, uri: str | None) -> None:
+        with self._cond:
+            self._results[key] = uri
+            self._cond.notify_all()
+
+    def _put(self, event: dict[str, Any], payload: Any = None) -> None:
+        if self._closed:
+            log.warning("tracking: %s after close() ignored", event.get("op"))
+            return
+        with self._cond:
+            try:
+                self._queue.put_nowait((event, payload))
+            except queue.Full:
+                self._dropped += 1
+                if self._dropped & (self._dropped - 1) == 0:  # 1, 2, 4, 8, ...: say it, but not each time
+                    log.warning("tracking queue full (the spool disk is stalled?): %d events dropped", self._dropped)
+                return
+            self._n_put += 1
+
+    def _materialize(self, event: dict[str, Any], payload: Any) -> dict[str, Any] | None:
+        """Write an event's payload (image, text, copy, saved model) into the spool's files."""
+        if payload is None:
+            return event
+        kind = payload[0]
+        if kind in ("text", "image"):
+            rel = f"{uuid.uuid4().hex}/{payload[1]}"
+            dst = self._spool.files / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if kind == "text":
+                dst.write_text(payload[2], encoding="utf-8")
+            else:
+                payload[2].save(dst, format="PNG")
+            return {**event, "file": rel}
+        if kind == "copy":
+            dst = self._spool.files / payload[1]
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            (shutil.copytree if payload[2].is_dir() else shutil.copy2)(payload[2], dst)
+            return event
+        if kind == "model":  # pyfunc from code: MLmodel + mlflow_model.py + the export folder
+            import_mlflow()
+            import mlflow.pyfunc
+
+            folder = self._spool.files / payload[1]
+            mlflow.pyfunc.save_model(
+                path=str(folder / "model"), python_model=str(MODEL_CODE),
+                artifacts={"export": str(folder / "export")}, pip_requirements=_requirements(),
+                metadata={"latentpipe_export": "artifacts/export", "git_commit": self.git_commit or ""})
+            shutil.rmtree(folder / "export")
+            return event
+        raise ValueError(f"unknown payload {kind!r}")
+
+    def _spool_loop(self) -> None:
+        with open(self._spool.path, "ab") as f:
+            while True:
+                items = [self._queue.get()]
+                with contextlib.suppress(queue.Empty):
+                    while len(items) < 1000:
+                        items.append(self._queue.get_nowait())
+                lines, stop = [], False
+                for item in items:
+                    if item is _STOP:
+                        stop = True
+                        continue
+                    try:
+                        event = self._materialize(*item)
+                    except Exception as e:  # a bad image/artifact must not stop the other events
+                        log.error("tracking: could not spool %s: %s", item[0].get("op"), e)
+                        self._replayer._reject(item[0], e)
+                        continue
+                    if event is not None:
+                        lines.append(json.dumps(event).encode() + b"\n")
+                with self._spool_lock:
+                    f.write(b"".join(lines))
+                    f.flush()
+                with self._cond:
+                    self._n_written += len(items) - stop
+                    self._cond.notify_all()
+                self._wake.set()
+                if stop:
+                    return
+
+    def _send_loop(self) -> None:
+        self._replay_leftovers()
+        backoff = 1.0
+        while True:
+            self._wake.clear()
+            try:
+                n = self._replayer.step()
+            except TrackingUnavailable as e:
+                self._set_online(False, e)
+                if self._stop.is_set():
+                    return
+                self._kick.wait(0.5 if self._closing else backoff)
+                self._kick.clear()
+                backoff = min(backoff * 2, self.cfg.retry_max_s)
+                continue
+            if n:
+                self._set_online(True)
+                backoff = 1.0
+            with self._cond:
+                self._cond.notify_all()
+            if n == 0:
+                if self._stop.is_set():
+                    return
+                self._maybe_rotate()
+                self._wake.wait(1.0)
+
+    def _set_online(self, ok: bool, err: BaseException | None = None) -> None:
+        with self._cond:
+            before, self._online = self._online, ok
+            self._cond.notify_all()
+        now = time.monotonic()
+        if not ok and (before is not False or now - self._last_warning > 300):
+            self._last_warning = now
+            log.warning("MLflow tracking at %s unreachable (%s); training goes on, events are spooled to %s "
+                        "and sent when it is back", self.uri, err, self._spool.path)
+        elif ok and before is False:
+            log.warning("MLflow tracking at %s reachable again; sending the spooled events", self.uri)
+
+    def _maybe_rotate(self) -> None:
+        """Empty the spool file once everything in it was sent and it grew past ROTATE_BYTES."""
+        with self._spool_lock:
+            size = self._spool.size()
+            if size >= ROTATE_BYTES and int(self._replayer.state["offset"]) == size:
+                self._replayer.state["offset"] = 0
+                self._spool.save_state(self._replayer.state)  # before the cut: a crash in between only resends
+                os.truncate(self._spool.path, 0)
+
+    def _replay_leftovers(self) -> None:
+        """Spools of earlier runs in this workdir whose process is gone: one attempt each."""
+        for path in sorted(self._spool.path.parent.glob("*.jsonl")):
+            spool = Spool(path)
+            if path == self._spool.path or path.name == REJECTED_FILE or not spool.try_lock():
+                continue
+            try:
+                n = drain(spool, str(spool.load_state().get("uri") or self.uri))
+                log.warning("tracking: replayed %d events left in %s by an earlier run", n, path)
+            except Exception as e:
+                log.warning("tracking: could not replay %s now (%s); it is kept for later", path, e)
+            finally:
+                spool.unlock()
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for pkg in ("mlflow", "torch", "safetensors", "numpy"):
+        with contextlib.suppress(PackageNotFoundError):
+            out.append(f"{pkg}=={version(pkg)}")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m training.tracking replay PATH [--uri URI]``."""
+    p = argparse.ArgumentParser(prog="python -m training.tracking", description="Replay MLflow tracking spools.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("replay", help="send a spool left on disk to MLflow")
+    r.add_argument("path", help="a <run_key>.jsonl spool, or a workdir's mlflow-spool/ folder")
+    r.add_argument("--uri", default=None, help="tracking URI (default: the one the spool was written for)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        n = replay_spool(args.path, args.uri)
+    except (TrackingUnavailable, FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"replayed {n} events")
+    return 0
+
+
+__all__ = ["Tracker", "TrackingConfig", "TrackingUnavailable", "flatten_params", "git_commit",
+           "replay_spool", "resolve_uri"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
