@@ -24,6 +24,7 @@ from preprocessing.config import ConfigError, dump_yaml, load_config
 # Order is the order shown by --help.
 SUBCOMMANDS = (
     "pipeline.commands.synth",
+    "pipeline.commands.shard",
 )
 
 T = TypeVar("T")
