@@ -25,6 +25,7 @@ from preprocessing.config import ConfigError, dump_yaml, load_config
 SUBCOMMANDS = (
     "pipeline.commands.synth",
     "pipeline.commands.shard",
+    "pipeline.commands.encode",
 )
 
 T = TypeVar("T")

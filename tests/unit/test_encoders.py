@@ -118,7 +118,7 @@ def test_contract_shapes_and_dtypes(encoder: Encoder) -> None:
     elif encoder.role == "vqgan":
         assert set(out) == {"tokens"}
         assert out["tokens"].dtype == np.int32 and out["tokens"].shape == (5, 16 * 16)  # [B, h*w]
-        assert 0 <= out["tokens"].min() and out["tokens"].max() < 32
+        assert out["tokens"].min() >= 0 and out["tokens"].max() < 32
     else:
         assert set(out) == {"text", "text_mask", "pooled"}
         text, mask, pooled = out["text"], out["text_mask"], out["pooled"]

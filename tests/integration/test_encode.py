@@ -1,0 +1,221 @@
+"""``latentpipe encode`` on a real local Ray cluster: parity with the encoders applied directly,
+same keys and shards as the input, rerun is a no-op, a killed job resumes to the identical
+result, bad input is recorded, and the training loader reads the output."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.encode import EncodeConfig, run_encode
+from preprocessing.encoders import KLVAEEncoder, TextEncoder, VQGANEncoder
+from tests.shards import make_image_shards, truncate, write_tar
+from tests.unit.test_encoders import make_vae, make_vqgan
+
+pytestmark = pytest.mark.integration
+N_SHARDS, PER_SHARD = 5, 6
+
+
+def read_tar(path: Path) -> dict[str, dict[str, Any]]:
+    """key -> {extension: decoded value} of a latent (or image) shard, in tar order."""
+    out: dict[str, dict[str, Any]] = defaultdict(dict)
+    with tarfile.open(path) as tf:
+        for m in tf.getmembers():
+            key, ext = m.name.split(".", 1)
+            data = tf.extractfile(m).read()  # type: ignore[union-attr]
+            if ext.endswith("npy"):
+                out[key][ext] = np.load(io.BytesIO(data), allow_pickle=False)
+            elif ext in ("png", "jpg", "webp"):
+                out[key]["image"] = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+            else:
+                out[key][ext] = data.decode()
+    return dict(out)
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("encode")
+    return {"root": root, "images": make_image_shards(root, N_SHARDS, PER_SHARD),
+            "vae": make_vae(root / "vae"), "vqgan": make_vqgan(root / "vqgan")}
+
+
+def config(data: dict[str, Path], out: Path, **kw: Any) -> EncodeConfig:
+    base: dict[str, Any] = dict(images=str(data["images"]), out=str(out), vae=str(data["vae"]),
+                                vqgan=str(data["vqgan"]), text_encoder="minilm", text_dtype="float32",
+                                batch_size=2, num_actors=1)
+    return EncodeConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def clean(data: dict[str, Path], ray_local: None) -> dict[str, Any]:
+    """One uninterrupted run of the job."""
+    return run_encode(config(data, data["root"] / "clean"), show_progress=False)
+
+
+def test_latents_equal_the_encoders_applied_directly(data: dict[str, Path], clean: dict[str, Any]) -> None:
+    out = Path(clean["out_dir"])
+    vae = KLVAEEncoder.from_pretrained(data["vae"], "cpu")
+    vq = VQGANEncoder.from_pretrained(data["vqgan"], "cpu")
+    text = TextEncoder(None, device="cpu")
+    for i in range(N_SHARDS):
+        name = f"shard-{i:06d}.tar"
+        src, got = read_tar(data["images"] / name), read_tar(out / name)
+        assert list(got) == list(src)  # same keys, same order, same shard
+        pix = np.stack([s["image"] for s in src.values()])  # [n, 32, 32, 3]
+        captions = [s["txt"] for s in src.values()]
+        lat, tok = vae.encode(pix)["latent"], vq.encode(pix)["tokens"]
+        ref = text.encode(captions)  # padded to the longest caption; the job stores real tokens only
+        for j, (key, s) in enumerate(got.items()):
+            np.testing.assert_allclose(s["latent.npy"], lat[j], rtol=1e-5, atol=1e-5)
+            np.testing.assert_array_equal(s["tokens.npy"], tok[j])
+            n = int(ref["text_mask"][j].sum())
+            assert s["text.npy"].shape == (n, 384) and s["text.npy"].dtype == np.float32
+            np.testing.assert_allclose(s["text.npy"], ref["text"][j, :n], rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(s["pooled.npy"], ref["pooled"][j], rtol=1e-4, atol=1e-5)
+            assert s["txt"] == captions[j] and json.loads(s["json"]) == json.loads(src[key]["json"])
+
+
+def test_manifest_index_and_stats(data: dict[str, Path], clean: dict[str, Any]) -> None:
+    out = Path(clean["out_dir"])
+    assert out.parent == data["root"] / "clean" / "latents" and out.name == clean["encoder_id"]
+    assert out.name.startswith("vae-vqgan-text-")
+    m = json.loads((out / "_manifest.json").read_text())
+    assert m["complete"] and m["shard_count"] == N_SHARDS and m["totals"]["written"] == N_SHARDS * PER_SHARD
+    assert m["scaling_factor"] == 0.5
+    assert m["encoders"]["vae"]["identity"]["sha256"] == clean_sha(data["vae"])
+    assert m["encoders"]["vae"]["arrays"]["latent"] == {"shape": [8, 16, 16], "dtype": "float32"}
+    assert m["encoders"]["vqgan"]["arrays"]["tokens"] == {"shape": [256], "dtype": "int32"}
+    assert m["tokens_grid"] == [[16, 16]] and m["image_sizes"] == [[32, 32]]
+    assert m["encoders"]["text"]["arrays"]["text"] == {"shape": [None, 384], "dtype": "float32"}
+    index = pq.read_table(out / "_index.parquet").to_pylist()
+    src_index = pq.read_table(data["images"] / "_index.parquet").to_pylist()
+    assert [(r["key"], r["shard"], r["caption"]) for r in index] == [
+        (r["key"], r["shard"], r["caption"]) for r in src_index]
+    stats = json.loads((out / "shard-000002.stats.json").read_text())
+    assert stats["written"] == stats["inputs"] == PER_SHARD and stats["skipped"] == {}
+    per = stats["bytes_per_sample"]
+    assert per["latent.npy"] == 8 * 16 * 16 * 4 + 128 and per["tokens.npy"] == 256 * 4 + 128
+    assert per["text.npy"] > per["pooled.npy"] > 0
+    assert 1 <= stats["distinct_captions"] <= PER_SHARD
+
+
+def clean_sha(path: Path) -> str:
+    from preprocessing.encoders import folder_sha256
+
+    return folder_sha256(path)
+
+
+def test_rerun_does_nothing(data: dict[str, Path], clean: dict[str, Any]) -> None:
+    out = Path(clean["out_dir"])
+    before = snapshot(out)
+    again = run_encode(config(data, data["root"] / "clean"), show_progress=False)
+    assert again["encoder_id"] == clean["encoder_id"] and again["encoded_now"] == 0
+    assert snapshot(out) == before
+
+
+def test_killed_job_resumes_to_the_clean_result(data: dict[str, Path], clean: dict[str, Any]) -> None:
+    import ray
+
+    root = data["root"] / "killed"
+    cmd = [sys.executable, "-m", "pipeline.cli", "encode", "--images", str(data["images"]), "--out", str(root),
+           "--vae", str(data["vae"]), "--vqgan", str(data["vqgan"]), "--text-encoder", "minilm",
+           "--text-dtype", "float32", "--batch-size", "2", "--num-actors", "1",
+           "--ray-address", ray.get_runtime_context().gcs_address]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    out = root / "latents" / clean["encoder_id"]
+    deadline = time.monotonic() + 180
+    try:
+        while not list(out.glob("shard-*.stats.json")):  # kill right after the first finished shard
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "the job wrote no shard in 180 s"
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done = len(list(out.glob("shard-*.stats.json")))
+    assert 1 <= done < N_SHARDS, f"{done} shards finished before the kill"
+    assert not (out / "_manifest.json").exists()
+    time.sleep(1.0)  # let Ray reap the dead driver's workers
+    resumed = run_encode(config(data, root), show_progress=False)
+    assert resumed["encoded_now"] == N_SHARDS - done
+    ref = Path(clean["out_dir"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())
+    for p in ref.iterdir():
+        if p.suffix in (".tar", ".parquet"):
+            assert (out / p.name).read_bytes() == p.read_bytes(), p.name
+    m, m_ref = (json.loads((d / "_manifest.json").read_text()) for d in (out, ref))
+    for mm in (m, m_ref):
+        mm["config"].pop("out"), mm.pop("config_hash")
+    assert m == m_ref
+
+
+def test_bad_samples_and_truncated_tars_are_recorded(data: dict[str, Path], ray_local: None) -> None:
+    images = data["root"] / "bad" / "images"
+    shutil.copytree(data["images"], images)
+    samples = read_tar(images / "shard-000000.tar")
+    keys = list(samples)
+    raw: list[dict[str, Any]] = []
+    with tarfile.open(images / "shard-000000.tar") as tf:
+        for m in tf.getmembers():
+            key, ext = m.name.split(".", 1)
+            if not raw or raw[-1]["__key__"] != key:
+                raw.append({"__key__": key})
+            raw[-1][ext] = tf.extractfile(m).read()  # type: ignore[union-attr]
+    raw[2]["png"] = raw[2]["png"][:40]  # a corrupt image
+    del raw[4]["txt"]  # a sample without a caption
+    write_tar(images / "shard-000000.tar", raw)
+    truncate(images / "shard-000001.tar", (images / "shard-000001.tar").stat().st_size // 2)  # died half-way
+    summary = run_encode(config(data, images.parent, images=str(images), vqgan=None,
+                                text_dtype="float16"), show_progress=False)
+    assert summary["encoder_id"].startswith("vae-text-")
+    out = Path(summary["out_dir"])
+    s0 = json.loads((out / "shard-000000.stats.json").read_text())
+    assert s0["inputs"] == PER_SHARD and s0["written"] == PER_SHARD - 2
+    assert s0["skipped"] == {"corrupt_image": 1, "missing_caption": 1}
+    assert {e["key"]: e["reason"] for e in s0["errors"]} == {keys[2]: "corrupt_image", keys[4]: "missing_caption"}
+    assert list(read_tar(out / "shard-000000.tar")) == [k for i, k in enumerate(keys) if i not in (2, 4)]
+    s1 = json.loads((out / "shard-000001.stats.json").read_text())
+    assert s1["truncated"] and 0 < s1["written"] < PER_SHARD
+    kept = read_tar(out / "shard-000001.tar")
+    assert list(kept) == list(read_tar(data["images"] / "shard-000001.tar"))[: s1["written"]]
+    assert all(v["text.npy"].dtype == np.float16 for v in kept.values())
+    m = json.loads((out / "_manifest.json").read_text())
+    assert m["totals"]["truncated_tars"] == ["shard-000001.tar"]
+    assert m["totals"]["written"] == N_SHARDS * PER_SHARD - 2 - (PER_SHARD - s1["written"])
+    assert m["encoders"]["text"]["arrays"]["text"]["dtype"] == "float16"
+
+
+def test_training_loader_reads_the_output(clean: dict[str, Any]) -> None:
+    from training.data import DataConfig, ShardStream
+
+    out = Path(clean["out_dir"])
+    stream = ShardStream(DataConfig(shards=str(out), kind="latents", batch_size=4, num_workers=0), 0, 1)
+    assert stream.num_samples == N_SHARDS * PER_SHARD and not stream.skipped
+    batch = next(iter(stream.batches()))
+    assert tuple(batch["latent"].shape) == (4, 8, 16, 16) and tuple(batch["tokens"].shape) == (4, 256)
+    assert tuple(batch["text"].shape) == (4, 77, 384) and tuple(batch["pooled"].shape) == (4, 384)
+    lengths = {r["key"]: r["text_len"] for r in pq.read_table(out / "_index.parquet").to_pylist()}
+    assert batch["text_mask"].sum(1).tolist() == [lengths[k] for k in batch["__key__"]]
