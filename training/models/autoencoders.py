@@ -1,0 +1,306 @@
+"""Stage-1 autoencoders: thin builders and presets over diffusers ``AutoencoderKL`` and ``VQModel``.
+
+KL-VAE and VQGAN as in Rombach et al. 2022 ("High-Resolution Image Synthesis with Latent
+Diffusion Models", Sec. 3 and App. G) and Esser et al. 2021 ("Taming Transformers").
+Presets are plain factory functions in ``PRESETS``; any local diffusers folder (a bare model
+folder with ``config.json`` or a pipeline folder with ``vae/`` / ``vqvae/``) loads in their
+place, offline. Also here: deterministic reconstruction, VQ token encode/decode in raster
+order, and the latent scaling factor (1 / std of latents over a data sample, LDM Sec. 4.3.2),
+stored in the diffusers config so it travels with ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from diffusers import AutoencoderKL, VQModel
+
+Kind = Literal["kl", "vq"]
+# AutoencoderKL | VQModel; typed Any because diffusers' decorated methods are opaque to mypy.
+Autoencoder = Any
+
+
+class ObjectiveForward:
+    """Mixin: ``forward(sample, objective=fn)`` returns ``fn(self, sample)``; plain ``forward`` otherwise.
+
+    DeepSpeed's engine hooks its backward prologue onto the outputs of ``engine(...)``, so a training
+    objective must run *inside* the module's forward: through the engine, with any extra autograd
+    (the adaptive GAN weight) done before the engine sees the outputs. Saved configs keep the
+    diffusers class name, so ``save_pretrained`` folders load with the stock classes.
+    """
+
+    def forward(self, sample: torch.Tensor, *args: Any, objective: Callable[..., Any] | None = None,
+                **kwargs: Any) -> Any:
+        if objective is not None:
+            return objective(self, sample)
+        return super().forward(sample, *args, **kwargs)  # type: ignore[misc]
+
+    def to_json_string(self) -> str:
+        data = json.loads(super().to_json_string())  # type: ignore[misc]
+        data["_class_name"] = type(self).__mro__[2].__name__  # the diffusers base class
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+class TrainableAutoencoderKL(ObjectiveForward, AutoencoderKL):
+    """diffusers ``AutoencoderKL`` whose forward can run a training objective (same weights, same config)."""
+
+
+class TrainableVQModel(ObjectiveForward, VQModel):
+    """diffusers ``VQModel`` whose forward can run a training objective (same weights, same config)."""
+
+
+def _blocks(n: int) -> dict[str, Any]:
+    """``n`` resolution levels: downsampling factor ``2 ** (n - 1)``."""
+    return {"down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n}
+
+
+def kl_demo() -> dict[str, Any]:
+    """32 px demo KL-VAE, factor 4: [B,3,32,32] -> latents [B,4,8,8] (~1 M parameters)."""
+    return {"kind": "kl", **_blocks(3), "block_out_channels": [32, 64, 64], "layers_per_block": 1,
+            "latent_channels": 4, "norm_num_groups": 16, "sample_size": 32}
+
+
+def vq_demo() -> dict[str, Any]:
+    """32 px demo VQGAN, factor 4: [B,3,32,32] -> 8x8 = 64 tokens from 512 codes of dim 4."""
+    return {"kind": "vq", **_blocks(3), "block_out_channels": [32, 64, 64], "layers_per_block": 1,
+            "latent_channels": 4, "vq_embed_dim": 4, "num_vq_embeddings": 512, "norm_num_groups": 16,
+            "sample_size": 32}
+
+
+def kl_f8_256() -> dict[str, Any]:
+    """256 px KL-VAE, factor 8 (the Stable Diffusion VAE layout): latents [B,4,32,32]."""
+    return {"kind": "kl", **_blocks(4), "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
+            "latent_channels": 4, "norm_num_groups": 32, "sample_size": 256}
+
+
+def vq_f8_256() -> dict[str, Any]:
+    """256 px VQGAN, factor 8 (LDM ``vq-f8`` layout): 32x32 = 1024 tokens from 16384 codes of dim 4."""
+    return {"kind": "vq", **_blocks(4), "block_out_channels": [128, 256, 256, 512], "layers_per_block": 2,
+            "latent_channels": 4, "vq_embed_dim": 4, "num_vq_embeddings": 16384, "norm_num_groups": 32,
+            "sample_size": 256}
+
+
+PRESETS: dict[str, Callable[[], dict[str, Any]]] = {
+    "kl_demo": kl_demo,
+    "vq_demo": vq_demo,
+    "kl_f8_256": kl_f8_256,
+    "vq_f8_256": vq_f8_256,
+}
+
+
+@dataclass
+class AutoencoderArchConfig:
+    """Which autoencoder to build: a preset (optionally overridden) or a local diffusers folder."""
+
+    preset: str = "kl_demo"
+    pretrained: str | None = None  # local diffusers folder; replaces the preset when set
+    block_out_channels: list[int] | None = None
+    layers_per_block: int | None = None
+    latent_channels: int | None = None
+    norm_num_groups: int | None = None
+    num_vq_embeddings: int | None = None  # VQ only
+    vq_embed_dim: int | None = None  # VQ only
+    mid_block_add_attention: bool | None = None
+    scaling_factor: float | None = None  # None: diffusers' default until measured
+
+    def __post_init__(self) -> None:
+        if self.pretrained is None and self.preset not in PRESETS:
+            raise ValueError(f"unknown autoencoder preset {self.preset!r} (known: {', '.join(PRESETS)})")
+
+
+def preset_kind(preset: str) -> Kind:
+    """``"kl"`` or ``"vq"`` for a preset name."""
+    kind = PRESETS[preset]()["kind"]
+    assert kind in ("kl", "vq")
+    return kind  # type: ignore[no-any-return]
+
+
+def diffusers_config(cfg: AutoencoderArchConfig) -> tuple[Kind, dict[str, Any]]:
+    """The preset's diffusers constructor kwargs with the non-None overrides of ``cfg`` applied."""
+    spec = PRESETS[cfg.preset]()
+    kind: Kind = spec.pop("kind")
+    overrides = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+                 if f.name not in ("preset", "pretrained") and getattr(cfg, f.name) is not None}
+    if kind == "kl":
+        bad = sorted(set(overrides) & {"num_vq_embeddings", "vq_embed_dim"})
+        if bad:
+            raise ValueError(f"{bad[0]} applies to VQ presets only, not {cfg.preset!r}")
+    spec.update(overrides)
+    groups = spec["norm_num_groups"]
+    if any(c % groups for c in spec["block_out_channels"]):
+        raise ValueError(f"block_out_channels {spec['block_out_channels']} must be multiples of norm_num_groups={groups}")
+    return kind, spec
+
+
+def _pretrained_dir(path: Path, kind: Kind) -> tuple[Path, str | None]:
+    """(folder, subfolder) holding the model's ``config.json``; pipeline folders use vae/ or vqvae/."""
+    if (path / "config.json").is_file():
+        return path, None
+    for sub in (["vae"] if kind == "kl" else ["vqvae", "vae"]):
+        if (path / sub / "config.json").is_file():
+            return path, sub
+    raise FileNotFoundError(f"{path}: no diffusers model here (expected config.json, or vae/config.json)")
+
+
+def load_pretrained(path: str | Path, kind: Kind) -> Autoencoder:
+    """Load a local diffusers ``AutoencoderKL`` (kind "kl") or ``VQModel`` (kind "vq"); never downloads.
+
+    Returns the ``Trainable*`` subclass (an instance of the diffusers class).
+    """
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise FileNotFoundError(f"pretrained autoencoder folder not found: {p}")
+    folder, sub = _pretrained_dir(p, kind)
+    cls = TrainableAutoencoderKL if kind == "kl" else TrainableVQModel
+    model = cls.from_pretrained(str(folder), subfolder=sub, local_files_only=True)
+    if not isinstance(model, cls):
+        raise TypeError(f"{p}: expected a diffusers {cls.__name__}, got {type(model).__name__}")
+    return model
+
+
+def build_autoencoder(cfg: AutoencoderArchConfig, kind: Kind) -> Autoencoder:
+    """A fresh model from ``cfg.preset`` (+ overrides), or ``cfg.pretrained`` loaded offline."""
+    if cfg.pretrained is not None:
+        model = load_pretrained(cfg.pretrained, kind)
+        if cfg.scaling_factor is not None:
+            model.register_to_config(scaling_factor=cfg.scaling_factor)
+        return model
+    preset_kind_, spec = diffusers_config(cfg)
+    if preset_kind_ != kind:
+        raise ValueError(f"preset {cfg.preset!r} builds a {preset_kind_!r} autoencoder, this family needs {kind!r}")
+    spec = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
+    return TrainableAutoencoderKL(**spec) if kind == "kl" else TrainableVQModel(**spec)
+
+
+def is_kl(model: Any) -> bool:
+    """True for a KL autoencoder (``AutoencoderKL``), False for a ``VQModel``."""
+    return isinstance(model, AutoencoderKL)
+
+
+def downsampling_factor(model: Autoencoder) -> int:
+    """Image side / latent side, e.g. 4 for the demo presets."""
+    return int(2 ** (len(model.config.block_out_channels) - 1))
+
+
+# --- forward paths shared by training, export checks and the encode stage -------------------------
+
+
+def vq_decode_latents(model: Autoencoder, z_q: torch.Tensor) -> torch.Tensor:
+    """Decode quantized latents ``z_q`` [B,D,h,w] to images [B,3,H,W] (VQModel.decode without re-quantizing)."""
+    h = model.post_quant_conv(z_q)
+    out: torch.Tensor = model.decoder(h, z_q if model.config.norm_type == "spatial" else None)
+    return out
+
+
+def vq_indices(model: Autoencoder, latents: torch.Tensor) -> torch.Tensor:
+    """Nearest codebook entry of every latent vector [B,D,h,w] -> int64 [B,h,w] (diffusers' rule: argmin L2)."""
+    b, d, h, w = latents.shape
+    flat = latents.permute(0, 2, 3, 1).reshape(-1, d)  # [B*h*w, D]
+    idx = torch.argmin(torch.cdist(flat, model.quantize.embedding.weight), dim=1)
+    return idx.view(b, h, w)
+
+
+@torch.no_grad()
+def vq_encode_tokens(model: Autoencoder, images: torch.Tensor) -> torch.Tensor:
+    """Images [B,3,H,W] in [-1,1] -> code indices int64 [B, h*w] in raster order."""
+    idx = vq_indices(model, model.encode(images).latents)  # [B,h,w]
+    return idx.flatten(1)
+
+
+@torch.no_grad()
+def vq_decode_tokens(model: Autoencoder, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Code indices [B, h*w] (raster order) -> images [B,3,H,W] in about [-1,1]."""
+    b = tokens.shape[0]
+    z_q = model.quantize.embedding(tokens.long()).view(b, height, width, -1).permute(0, 3, 1, 2)  # [B,D,h,w]
+    return vq_decode_latents(model, z_q)
+
+
+@torch.no_grad()
+def reconstruct(model: Autoencoder, images: torch.Tensor) -> torch.Tensor:
+    """Deterministic reconstruction [B,3,H,W]: KL decodes the posterior mean, VQ the nearest codes."""
+    if is_kl(model):
+        mean = model.encode(images).latent_dist.mean
+        out: torch.Tensor = model.decode(mean).sample
+        return out
+    latents = model.encode(images).latents
+    z_q = model.quantize.embedding(vq_indices(model, latents)).permute(0, 3, 1, 2)  # [B,D,h,w]
+    return vq_decode_latents(model, z_q)
+
+
+@torch.no_grad()
+def latent_sample(model: Autoencoder, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The latents a prior trains on (before scaling): a posterior sample (KL) or the quantized latents (VQ)."""
+    if is_kl(model):
+        out: torch.Tensor = model.encode(images).latent_dist.sample(generator)
+        return out
+    latents = model.encode(images).latents
+    return model.quantize.embedding(vq_indices(model, latents)).permute(0, 3, 1, 2)
+
+
+@torch.no_grad()
+def compute_scaling_factor(model: Autoencoder, batches: Iterable[torch.Tensor], max_samples: int = 1024,
+                           seed: int = 0) -> float:
+    """1 / std of the latents over up to ``max_samples`` images (LDM Sec. 4.3.2), over all latent elements.
+
+    Args:
+        model: the autoencoder (eval mode is set for the pass and restored).
+        batches: image batches [B,3,H,W] in [-1,1].
+    """
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    seen, count, s1, s2 = 0, 0, 0.0, 0.0
+    try:
+        for images in batches:
+            images = images[: max_samples - seen]
+            z = latent_sample(model, images, gen if images.device.type == "cpu" else None).double()
+            seen += images.shape[0]
+            count += z.numel()
+            s1 += float(z.sum())
+            s2 += float((z * z).sum())
+            if seen >= max_samples:
+                break
+    finally:
+        model.train(was_training)
+    if count < 2:
+        raise ValueError("compute_scaling_factor: no images in the sample")
+    var = (s2 - s1 * s1 / count) / (count - 1)
+    if var <= 0:
+        raise ValueError("compute_scaling_factor: latents have zero variance")
+    return float(1.0 / var**0.5)
+
+
+def set_scaling_factor(model: Autoencoder, value: float) -> None:
+    """Store the latent scaling factor in the diffusers config (written by ``save_pretrained``)."""
+    model.register_to_config(scaling_factor=float(value))
+
+
+__all__ = [
+    "PRESETS",
+    "Autoencoder",
+    "AutoencoderArchConfig",
+    "ObjectiveForward",
+    "TrainableAutoencoderKL",
+    "TrainableVQModel",
+    "Kind",
+    "build_autoencoder",
+    "compute_scaling_factor",
+    "diffusers_config",
+    "downsampling_factor",
+    "is_kl",
+    "latent_sample",
+    "load_pretrained",
+    "preset_kind",
+    "reconstruct",
+    "set_scaling_factor",
+    "vq_decode_latents",
+    "vq_decode_tokens",
+    "vq_encode_tokens",
+    "vq_indices",
+]
