@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -117,3 +119,49 @@ def test_presets_build_with_their_sizes() -> None:
         build_denoiser("unet_huge", SPEC, 1.0, "zero")
     with pytest.raises(ValueError, match="patch size"):
         build_denoiser("dit_demo", BackboneSpec(4, 7, 32), 1.0, "zero")
+
+
+# ----------------------------------------------------------------- the ddpm / flow families around them
+
+
+def _batch(b: int, mean: float = 0.0, logvar: float = 0.0, text_dim: int = 32) -> dict[str, Any]:
+    lat = torch.cat([torch.full((b, 4, 8, 8), mean), torch.full((b, 4, 8, 8), logvar)], dim=1)  # [B, 8, 8, 8]
+    mask = torch.arange(5)[None, :] < torch.randint(1, 6, (b, 1))
+    return {"latent": lat, "text": torch.randn(b, 5, text_dim) * mask[..., None], "text_mask": mask,
+            "caption": ["c"] * b, "__key__": [str(i) for i in range(b)]}
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "flow"])
+def test_family_draws_scaled_posterior_samples_and_drops_captions(kind: str) -> None:
+    from training.families import family_from_config
+
+    fam = family_from_config({"kind": kind, "text_dim": 32, "scaling_factor": 0.5, "shift_factor": 0.2,
+                              "cond_drop": 0.3})
+    inputs = fam._inputs(_batch(4000, mean=1.0, logvar=math.log(0.25)), torch.device("cpu"), None, drop=True)  # type: ignore[attr-defined]
+    assert inputs.x.shape == (4000, 4, 8, 8)
+    assert inputs.x.mean().item() == pytest.approx((1.0 - 0.2) * 0.5, abs=0.005)  # (z - shift) * scale
+    assert inputs.x.std().item() == pytest.approx(0.5 * 0.5, rel=0.01)  # exp(logvar / 2) * scale
+    assert inputs.cond.drop.float().mean().item() == pytest.approx(0.3, abs=0.03)
+    with pytest.raises(ValueError, match=r"expected \[B, 8, 8, 8\]"):
+        fam._inputs({**_batch(2), "latent": torch.zeros(2, 8, 4, 4)}, torch.device("cpu"), None, drop=True)  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="text_dim is 32"):
+        fam._inputs(_batch(2, text_dim=16), torch.device("cpu"), None, drop=True)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("kind", "backbone"), [("ddpm", "unet_demo"), ("flow", "dit_demo"), ("flow", "unet_demo")])
+def test_family_loss_eval_and_grid(kind: str, backbone: str) -> None:
+    from training.families import family_from_config
+
+    fam = family_from_config({"kind": kind, "backbone": backbone, "text_dim": 32, "grid_samples": 3,
+                              "sample": {"steps": 3, "guidance": 2.0}})
+    modules = fam.build()
+    batch = _batch(4)
+    loss, logs = fam.loss("model", modules, batch, 0)
+    assert loss.dim() == 0 and math.isfinite(loss.item()) and "loss" not in logs
+    loss.backward()
+    assert all(p.grad is not None for n, p in modules["model"].named_parameters() if n.startswith("backbone.conv_in")
+               or n.startswith("backbone.pos_embed"))
+    modules["model"].eval()
+    assert fam.evaluate(modules, batch, 0) == fam.evaluate(modules, batch, 10)  # fixed noise and times
+    grid = fam.log_images(modules, batch)["samples"]
+    assert grid.size == (3 * 8 * 4, 2 * 8 * 4)  # data latents over samples, 4x nearest upscaling

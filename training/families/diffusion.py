@@ -1,0 +1,274 @@
+"""The ``ddpm`` family: latent diffusion on VAE latents conditioned on text tokens (INTERFACES §4).
+
+Consumes latent batches: ``latent`` [B, 2C, h, w] (posterior mean ‖ log-variance), ``text``
+[B, L, D], ``text_mask`` [B, L]. Each step draws z = mean + exp(logvar / 2) n (a fresh
+posterior sample, as Rombach et al. train on), maps it to (z - shift_factor) * scaling_factor
+(the VAE's factors, recorded in the latent manifest), drops captions with probability
+``cond_drop`` (the model's null embedding takes their place: classifier-free guidance,
+Ho & Salimans 2022) and applies the DDPM objective
+(``training/objectives/ddpm.py``). ``LatentPriorFamily`` is shared with the ``flow`` family.
+
+Sample grids: latents from the configured sampler for the eval batch's captions; decoded
+to pixels by ``vae`` (a KL-VAE export folder or a diffusers ``AutoencoderKL`` folder) when
+set, otherwise shown as false-colour latents (first 3 channels) next to the data latents.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from training.families import register
+from training.families.base import Family
+from training.guidance import TextCond
+from training.models import BackboneSpec, Denoiser, NullText, build_denoiser
+from training.objectives import LatentBatch
+from training.objectives.ddpm import DDPMConfig, DDPMObjective
+from training.samplers import Sampler, diffusion_sampler
+
+
+@dataclass
+class LatentPriorConfig:
+    """Fields shared by the ``ddpm`` and ``flow`` sections of ``model:``."""
+
+    backbone: str = "unet_demo"  # a preset of training/models (unet_demo, unet_base, unet_sd, dit_demo, ...)
+    latent_channels: int = 4  # C (the latent shards hold 2C: mean and log-variance)
+    latent_size: int = 8  # h = w of the latents
+    text_dim: int = 384  # D of the per-token text embeddings
+    scaling_factor: float = 1.0  # the VAE's latent scaling factor (the latent manifest records it)
+    shift_factor: float = 0.0  # subtracted before scaling (SD3 / FLUX VAEs); 0 for SD and our KL-VAEs
+    cond_drop: float = 0.1  # probability of dropping a caption in training (CFG)
+    null_text: NullText = "learned"  # the dropped caption's embedding: learned, or zeros
+    vae: str = ""  # KL-VAE export / diffusers AutoencoderKL folder decoding sample grids ("": latents)
+    grid_samples: int = 8  # samples per logged grid
+    sample_seed: int = 0  # seed of the logged grids (the same draws every time)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.cond_drop <= 1.0:
+            raise ValueError(f"cond_drop must be in [0, 1], got {self.cond_drop}")
+        if min(self.latent_channels, self.latent_size, self.text_dim, self.grid_samples) < 1:
+            raise ValueError("latent_channels, latent_size, text_dim and grid_samples must be >= 1")
+        if self.scaling_factor <= 0:
+            raise ValueError(f"scaling_factor must be > 0, got {self.scaling_factor}")
+
+
+@dataclass
+class DiffusionSampleConfig:
+    """How sample grids (and ``generate``) sample a diffusion model."""
+
+    sampler: Literal["ddpm", "ddim"] = "ddim"
+    steps: int = 50
+    guidance: float | None = 4.0  # CFG weight; null: conditional model only
+    eta: float = 0.0  # DDIM stochasticity
+
+
+@dataclass
+class DiffusionFamilyConfig(LatentPriorConfig):
+    """The ``model:`` section of a latent diffusion prior (minus ``kind: ddpm``)."""
+
+    objective: DDPMConfig = field(default_factory=DDPMConfig)
+    sample: DiffusionSampleConfig = field(default_factory=DiffusionSampleConfig)
+
+
+def unwrap(module: nn.Module) -> Denoiser:
+    """The ``Denoiser`` inside a DeepSpeed engine (or the module itself)."""
+    inner = getattr(module, "module", module)
+    if not isinstance(inner, Denoiser):
+        raise TypeError(f"expected a Denoiser, got {type(inner).__name__}")
+    return inner
+
+
+def latent_row(latents: torch.Tensor, scale: int = 4) -> torch.Tensor:
+    """False-colour view [3, h*scale, B*w*scale] in [-1, 1] of latents [B, C, h, w] (first 3 channels)."""
+    x = latents.detach().float().cpu()
+    x = x[:, :3] if x.shape[1] >= 3 else x[:, :1].expand(-1, 3, -1, -1)  # [B, 3, h, w]
+    x = (x / 2.5).clamp(-1, 1)  # unit-variance latents: +-2.5 sigma spans the colour range
+    x = x.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+    return torch.cat(list(x), dim=2)
+
+
+def to_image(rows: list[torch.Tensor]) -> Image.Image:
+    """Rows [3, H, W] in [-1, 1] stacked vertically -> PIL RGB."""
+    grid = torch.cat(rows, dim=1)  # [3, sum H, W]
+    arr = ((grid.permute(1, 2, 0).numpy() + 1.0) * 127.5).round().astype(np.uint8)  # [H, W, 3]
+    return Image.fromarray(arr)
+
+
+def load_vae(path: str) -> nn.Module:
+    """A KL-VAE for decoding: an export folder (``export.json``) or a diffusers ``AutoencoderKL`` folder."""
+    if (Path(path) / "export.json").is_file():
+        from training.export import load_export
+
+        _, vae = load_export(path)
+        return vae
+    from training.models.autoencoders import load_pretrained
+
+    return load_pretrained(path, "kl")
+
+
+class LatentPriorFamily(Family, abc.ABC):
+    """A text-conditioned denoiser trained on VAE latents; subclasses pick the objective and sampler."""
+
+    data_kind = "latents"
+    cfg: LatentPriorConfig
+    time_scale: float  # objective time -> backbone timestep embedding input
+
+    def __init__(self, cfg: LatentPriorConfig) -> None:
+        super().__init__(cfg)
+        self._vae: nn.Module | None = None
+
+    @abc.abstractmethod
+    def objective_loss(
+        self, model: nn.Module, batch: LatentBatch, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The objective on scaled latents."""
+
+    @abc.abstractmethod
+    def sampler(self) -> tuple[Sampler, int, float | None]:
+        """(sampler, steps, guidance) for grids and ``generate``."""
+
+    def build(self) -> dict[str, nn.Module]:
+        c = self.cfg
+        spec = BackboneSpec(c.latent_channels, c.latent_size, c.text_dim)
+        return {"model": build_denoiser(c.backbone, spec, self.time_scale, c.null_text)}
+
+    # -- batches ---------------------------------------------------------------------------------
+
+    def _inputs(
+        self, batch: Mapping[str, Any], device: torch.device, generator: torch.Generator | None, drop: bool
+    ) -> LatentBatch:
+        for key in ("latent", "text", "text_mask"):
+            if key not in batch:
+                raise ValueError(f"the {self.name} family needs latent shards with {key!r} (VAE latents and text)")
+        c = self.cfg
+        lat = batch["latent"].to(device=device, dtype=torch.float32)  # [B, 2C, h, w]
+        want = (2 * c.latent_channels, c.latent_size, c.latent_size)
+        if lat.ndim != 4 or tuple(lat.shape[1:]) != want:
+            raise ValueError(f"latent {list(lat.shape)} does not fit model.latent_channels/latent_size "
+                             f"(expected [B, {want[0]}, {want[1]}, {want[2]}]: mean and log-variance)")
+        text = batch["text"].to(device=device, dtype=torch.float32)  # [B, L, D]
+        if text.shape[-1] != c.text_dim:
+            raise ValueError(f"text embeddings have width {text.shape[-1]}, model.text_dim is {c.text_dim}")
+        mean, logvar = lat.chunk(2, dim=1)  # [B, C, h, w] each
+        n = torch.randn(mean.shape, device=device, generator=generator)
+        z = (mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * n - c.shift_factor) * c.scaling_factor
+        b = lat.shape[0]
+        dropped = torch.rand(b, device=device, generator=generator) < c.cond_drop if drop else None
+        cond = TextCond.of(text, batch["text_mask"].to(device))
+        if dropped is not None:
+            cond = TextCond(cond.text, cond.mask, dropped)
+        return LatentBatch(z, cond)
+
+    def loss(
+        self, part: str, modules: Mapping[str, nn.Module], batch: Mapping[str, Any], step: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        if part != "model":
+            raise KeyError(f"{self.name} has no part {part!r}")
+        model = modules["model"]
+        device = next(unwrap(model).parameters()).device
+        loss, logs = self.objective_loss(model, self._inputs(batch, device, None, drop=True), None)
+        logs.pop("loss", None)  # the engine logs the loss itself
+        return loss, logs
+
+    @torch.no_grad()
+    def evaluate(self, modules: Mapping[str, nn.Module], batch: Mapping[str, Any], step: int) -> dict[str, float]:
+        """The objective on the fixed batch with fixed noise and times, captions kept (comparable across steps)."""
+        model = modules["model"]
+        device = next(unwrap(model).parameters()).device
+        g = torch.Generator(device=device).manual_seed(self.cfg.sample_seed)
+        loss, logs = self.objective_loss(model, self._inputs(batch, device, g, drop=False), g)
+        return {"model/loss": float(loss), **{f"model/{k}": v for k, v in logs.items() if k != "loss"}}
+
+    # -- sampling --------------------------------------------------------------------------------
+
+    def vae(self) -> nn.Module | None:
+        """The decoding VAE of ``cfg.vae`` (loaded once), or None."""
+        if not self.cfg.vae:
+            return None
+        if self._vae is None:
+            self._vae = load_vae(self.cfg.vae).eval()
+        return self._vae
+
+    @torch.no_grad()
+    def generate(
+        self,
+        module: nn.Module,
+        cond: TextCond,
+        generator: torch.Generator | None = None,
+        steps: int | None = None,
+        guidance: float | None | Literal["config"] = "config",
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scaled latents [B, C, h, w] for ``cond`` and, with a VAE, images [B, 3, H, W] in [-1, 1]."""
+        c = self.cfg
+        device = next(unwrap(module).parameters()).device
+        sampler, cfg_steps, cfg_guidance = self.sampler()
+        shape = (len(cond), c.latent_channels, c.latent_size, c.latent_size)
+        noise = torch.randn(shape, device=device, generator=generator)
+        w = cfg_guidance if guidance == "config" else guidance
+        z = sampler.sample(module, noise, cond.to(device), steps or cfg_steps, w, generator)
+        vae = self.vae()
+        if vae is None:
+            return z, None
+        vae.to(device)
+        images: torch.Tensor = vae.decode(z / c.scaling_factor + c.shift_factor, return_dict=False)[0]  # type: ignore[operator]
+        return z, images.clamp(-1, 1)
+
+    def log_images(self, modules: Mapping[str, nn.Module], batch: Mapping[str, Any]) -> dict[str, Image.Image]:
+        """Top row: the batch's data (decoded or latent view); bottom row: samples for its captions."""
+        model = modules["model"]
+        device = next(unwrap(model).parameters()).device
+        n = min(self.cfg.grid_samples, int(batch["text"].shape[0]))
+        g = torch.Generator(device=device).manual_seed(self.cfg.sample_seed)
+        data = self._inputs({k: v[:n] for k, v in batch.items() if k in ("latent", "text", "text_mask")},
+                            device, g, drop=False)
+        z, images = self.generate(model, data.cond, g)
+        vae = self.vae()
+        if images is None or vae is None:
+            return {"samples": to_image([latent_row(data.x), latent_row(z)])}
+        real: torch.Tensor = vae.decode(data.x / self.cfg.scaling_factor + self.cfg.shift_factor, return_dict=False)[0]  # type: ignore[operator]
+        rows = [torch.cat(list(r.float().cpu().clamp(-1, 1)), dim=2) for r in (real, images)]  # [3, H, n*W] each
+        return {"samples": to_image(rows)}
+
+
+@register
+class DiffusionFamily(LatentPriorFamily):
+    """DDPM (eps / v / x0 prediction) over a text-conditioned UNet or DiT."""
+
+    name = "ddpm"
+    config_class = DiffusionFamilyConfig
+    cfg: DiffusionFamilyConfig
+    time_scale = 1.0  # DDPM's t is already the integer step in {1..T}
+
+    def __init__(self, cfg: DiffusionFamilyConfig) -> None:
+        super().__init__(cfg)
+        self.objective = DDPMObjective(cfg.objective)
+
+    def objective_loss(
+        self, model: nn.Module, batch: LatentBatch, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.objective.loss(model, batch, generator)
+
+    def sampler(self) -> tuple[Sampler, int, float | None]:
+        s = self.cfg.sample
+        return diffusion_sampler(s.sampler, self.objective.schedule, s.eta), s.steps, s.guidance
+
+
+__all__ = [
+    "DiffusionFamily",
+    "DiffusionFamilyConfig",
+    "DiffusionSampleConfig",
+    "LatentPriorConfig",
+    "LatentPriorFamily",
+    "latent_row",
+    "load_vae",
+    "to_image",
+    "unwrap",
+]
