@@ -65,6 +65,8 @@ log = logging.getLogger(__name__)
 
 RUN_FILE = "mlflow-run.json"  # <workdir>/mlflow-run.json: this workdir's run key, for --resume
 QUEUE_SIZE = 100_000
+SPOOL_GRACE_S = 30.0  # close() always lets the spooler put queued events on disk for this long
+SENDER_GRACE_S = 2.0  # ... and the sender end its current attempt for this long
 ROTATE_BYTES = 8 << 20
 MAX_PARAM_LEN = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 MAX_KEY_LEN = 250  # MAX_ENTITY_KEY_LENGTH
@@ -210,7 +212,7 @@ class Tracker:
         self._cond = threading.Condition()
         self._spool_lock = threading.Lock()
         self._wake, self._kick, self._stop = threading.Event(), threading.Event(), threading.Event()
-        self._closing = False
+        self._closing = self._abandoned = self._sender_done = False
         self._n_put = self._n_written = self._dropped = 0
         self._online: bool | None = None
         self._last_warning = 0.0
@@ -344,7 +346,11 @@ class Tracker:
         return self._online if self.active else None
 
     def close(self, status: str = "FINISHED", timeout: float = 30.0) -> None:
-        """End the run: send what is spooled within ``timeout`` s, else leave it on disk and say how to replay."""
+        """End the run: send what is spooled within ``timeout`` s, else leave it on disk and say how to replay.
+
+        Queued events are first written to the spool (local disk; allowed SPOOL_GRACE_S even
+        past ``timeout``), so nothing logged is lost when the server is down.
+        """
         if not self.active or self._closed:
             return
         deadline = time.monotonic() + timeout
@@ -352,18 +358,23 @@ class Tracker:
             self._sysmon.stop(max(0.0, min(5.0, deadline - time.monotonic())))
         self._put({"op": "end", "status": status, "end_time": _now_ms()})
         self._closed = True
+        # Writing the spool is local disk work and losing it loses data: it gets at least SPOOL_GRACE_S.
         with contextlib.suppress(queue.Full):
-            self._queue.put(_STOP, timeout=max(0.0, deadline - time.monotonic()))
-        self._spooler.join(max(0.0, deadline - time.monotonic()))
+            self._queue.put(_STOP, timeout=max(SPOOL_GRACE_S, deadline - time.monotonic()))
+        self._spooler.join(max(SPOOL_GRACE_S, deadline - time.monotonic()))
         self._closing = True
         sent = self.flush(max(0.0, deadline - time.monotonic()))
         self._stop.set()
         self._kick.set()
         self._wake.set()
-        self._sender.join(max(0.0, deadline - time.monotonic()))
+        # A short grace past the deadline lets a quick last attempt end; a hung one releases the spool on exit.
+        self._sender.join(max(SENDER_GRACE_S, deadline - time.monotonic()))
         if self._dropped:
             log.warning("tracking: %d events were dropped because the queue was full", self._dropped)
-        if sent and not self._sender.is_alive():
+        with self._cond:
+            release = self._sender_done and not self._spooler.is_alive()
+            self._abandoned = not release
+        if sent and release:
             self._spool.remove()
             return
         pending = self._spool.size() - int(self._replayer.state["offset"])
@@ -372,7 +383,7 @@ class Tracker:
             "params, images, model registrations) are kept in %s. The next run in %s replays them "
             "automatically; to replay them now: python -m training.tracking replay %s --uri %s",
             self.uri, pending, self._spool.path, self.workdir, self._spool.path, self.uri)
-        if not self._sender.is_alive():
+        if release:
             self._spool.unlock()
 
     def __enter__(self) -> Tracker:
@@ -444,6 +455,8 @@ class Tracker:
             import_mlflow()
             import mlflow.pyfunc
 
+            logging.getLogger("mlflow.pyfunc").addFilter(_SIGNATURE_NOTICE)
+
             folder = self._spool.files / payload[1]
             mlflow.pyfunc.save_model(
                 path=str(folder / "model"), python_model=str(MODEL_CODE),
@@ -484,6 +497,15 @@ class Tracker:
                     return
 
     def _send_loop(self) -> None:
+        try:
+            self._send()
+        finally:
+            with self._cond:
+                self._sender_done = True
+                if self._abandoned:  # close() stopped waiting for this thread: release the spool now
+                    self._spool.unlock()
+
+    def _send(self) -> None:
         self._replay_leftovers()
         backoff = 1.0
         while True:
@@ -547,6 +569,16 @@ class Tracker:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+class _DropSignatureNotice(logging.Filter):
+    """MLflow warns that our ``predict(np.ndarray)`` hint gives no signature; inputs are free-form on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to infer model signature: Type hint")
+
+
+_SIGNATURE_NOTICE = _DropSignatureNotice()
 
 
 def _requirements() -> list[str]:
