@@ -291,7 +291,15 @@ def run_shard_job(cfg: ShardConfig, overwrite: bool = False, retry_transient: bo
         finally:
             if started:
                 ray.shutdown()
-    stats = [s for s in (out.read_stats(i) for i in range(plan.num_shards)) if s is not None]
+        out.remove_temporaries()  # left by attempts that were killed and retried; no writer runs now
+    stats = []
+    for i in sorted(out.complete_shards()):
+        st = out.read_stats(i)
+        if st is None:  # a damaged marker: drop it so the next run redoes the shard
+            log.warning("shard %d: unreadable stats file; marking the shard incomplete", i)
+            out.invalidate(i)
+        elif i < plan.num_shards:
+            stats.append(st)
     manifest = None
     if failed or len(stats) != plan.num_shards:
         log.error("%d of %d shards incomplete; rerun the same command to finish them",

@@ -46,7 +46,9 @@ class CaptionConfig:
 
 def _strip_controls(text: str) -> str:
     # Category C* (controls, format chars, surrogates, unassigned) except ordinary whitespace,
-    # which the collapse below turns into single spaces.
+    # which the collapse below turns into single spaces. Printable text (the common case) has none.
+    if text.isprintable():
+        return text
     return "".join(ch for ch in text if ch.isspace() or not unicodedata.category(ch).startswith("C"))
 
 

@@ -170,6 +170,7 @@ class Fetcher:
             return None, _classify(e.reason), str(e.reason), None
         except (urllib3.exceptions.HTTPError, OSError) as e:
             return None, _classify(e), f"{type(e).__name__}: {e}", None
+        complete = False
         try:
             if resp.status != 200:
                 pause = None
@@ -188,10 +189,13 @@ class Fetcher:
                 if time.monotonic() - t0 > self.cfg.deadline:
                     return None, TIMEOUT, f"response took > {self.cfg.deadline}s", None
                 chunks.append(chunk)
+            complete = True
             return b"".join(chunks), None, "", None
         except (urllib3.exceptions.HTTPError, OSError) as e:  # reset mid-body, bad chunking, ...
             return None, _classify(e), f"{type(e).__name__}: {e}", None
         finally:
+            if not complete:  # unread bytes must not reach the next request on this connection
+                resp.close()
             resp.release_conn()
 
     def fetch(self, url: str) -> FetchResult:

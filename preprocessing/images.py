@@ -128,6 +128,8 @@ def open_checked(data: bytes, max_pixels: int) -> Image.Image:
 
 def _apply_orientation(img: Image.Image) -> int:
     """Rotate/flip a loaded image in place per its EXIF orientation; returns the tag (1 = none)."""
+    if img.format != "TIFF" and "exif" not in img.info:
+        return 1  # no EXIF block (TIFF keeps its orientation in the image tags instead)
     try:
         orientation = int(img.getexif().get(_EXIF_ORIENTATION, 1))
         if orientation != 1:

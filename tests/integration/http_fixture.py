@@ -11,6 +11,7 @@ Routes (``NAME`` is any word; images are synthetic scenes, JPEG):
     /trickle/NAME        200, a byte every 0.2 s for a long time (hits the client deadline)
     /big/NAME            Content-Length over any sane cap  /bignolen/NAME   unbounded chunked body
     /gate/NAME.jpg       blocks until ``gate`` is set, then 200 an image
+    /toggle/NAME.jpg     503 (no Retry-After) while ``failing`` is true, else 200 an image
 Every request is recorded with its user agent and time; in-flight counts are tracked.
 """
 
@@ -36,6 +37,7 @@ class ServerState:
     slow: float = 3.0
     slow_ok: float = 0.3
     gate: threading.Event = field(default_factory=threading.Event)
+    failing: bool = True
     lock: threading.Lock = field(default_factory=threading.Lock)
     requests: list[tuple[str, float, str]] = field(default_factory=list)  # (path, time, user agent)
     inflight: int = 0
@@ -94,6 +96,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         elif kind == "gate":
             st.gate.wait(timeout=120)
             self._send(200, scene_jpeg(name))
+        elif kind == "toggle":
+            if st.failing:
+                self._send(503, b"down", "text/plain")
+            else:
+                self._send(200, scene_jpeg(name))
         elif kind in ("404", "500"):
             self._send(int(kind), b"no", "text/plain")
         elif kind == "html":

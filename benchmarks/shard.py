@@ -1,0 +1,125 @@
+"""`latentpipe shard` throughput next to its ceiling, measured side by side in one run.
+
+Input: N synthetic 256 px JPEG scenes (folder + .txt/.json sidecars). Output: 64 px JPEG shards.
+For each worker count W in (1, 2): the whole Ray job (plan, read, hash, caption, decode,
+resize, encode, tar, stats, finalize) on a local Ray cluster of W CPUs, with warm workers
+(a tiny warm-up job first; the cold time is reported too). The ceiling is one plain process
+doing only decode + resize + encode over the same files' bytes (already in memory), x W. It is
+measured with a full decode (the issue's definition) and with Pillow's JPEG draft mode (the same
+per-image work the job does), before and after each job run, to follow the machine's load.
+Output quality: PSNR of draft-mode against full-decode output over the first 200 images.
+
+Usage: python benchmarks/shard.py [--n 10000] [--data DIR] [--workers 1 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.shard import ShardConfig, run_shard_job
+from preprocessing.images import ImageConfig, process_image
+from preprocessing.sources import SourceConfig
+from preprocessing.synthetic import iter_scenes, write_folder
+
+
+def make_data(folder: Path, n: int) -> None:
+    if len(list(folder.glob("*.jpg"))) >= n:
+        return
+    t0 = time.perf_counter()
+    write_folder(folder, iter_scenes(n, seed=0, size=256), "jpg")
+    print(f"generated {n} 256 px JPEGs in {time.perf_counter() - t0:.0f} s")
+
+
+def ceiling(blobs: list[bytes], draft: bool) -> float:
+    """Images/s of one process doing decode + resize (center-crop, lanczos) + JPEG encode only."""
+    cfg = ImageConfig(size=64, draft=draft)
+    t0 = time.perf_counter()
+    for b in blobs:
+        process_image(b, cfg)
+    return len(blobs) / (time.perf_counter() - t0)
+
+
+def psnr(blobs: list[bytes]) -> float:
+    vals = []
+    for b in blobs:
+        full = np.asarray(Image.open(io.BytesIO(process_image(b, ImageConfig(size=64, draft=False,
+                                                                              format="png")).data)), np.float64)
+        fast = np.asarray(Image.open(io.BytesIO(process_image(b, ImageConfig(size=64, draft=True,
+                                                                              format="png")).data)), np.float64)
+        vals.append(10 * np.log10(255.0**2 / max(float(np.mean((full - fast) ** 2)), 1e-12)))
+    return float(statistics.mean(vals))
+
+
+def run_job(folder: Path, out: Path, workers: int, n: int) -> tuple[float, float]:
+    """(warm samples/s, cold samples/s) of the Ray job on a fresh local cluster with ``workers`` CPUs."""
+    import ray
+
+    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    try:
+        cfg = ShardConfig(source=SourceConfig(spec=str(folder)), out=str(out / "cold"), samples_per_shard=500,
+                          dedup=False, image=ImageConfig(size=64))  # every input decoded, like the ceiling
+        t0 = time.perf_counter()
+        cold = run_shard_job(cfg, progress=False)
+        cold_rate = sum(s.written for s in cold.stats) / (time.perf_counter() - t0)
+        # warm: the same job again into a new folder, workers already started and imported
+        cfg.out = str(out / "warm")
+        t0 = time.perf_counter()
+        warm = run_shard_job(cfg, progress=False)
+        dt = time.perf_counter() - t0
+        assert warm.manifest is not None and warm.manifest["totals"]["written"] == n, warm.manifest
+        return n / dt, cold_rate
+    finally:
+        ray.shutdown()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=10_000)
+    ap.add_argument("--data", type=Path, help="folder for the generated inputs (kept; default: a temp dir)")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    args = ap.parse_args()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    tmp = Path(tempfile.mkdtemp(prefix="shard-bench-"))
+    data = args.data or tmp / "data"
+    make_data(data, args.n)
+    files = sorted(data.glob("*.jpg"))[: args.n]
+    blobs = [f.read_bytes() for f in files[:2000]]
+    ceiling(blobs[:100], False)  # warm up
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"load average {os.getloadavg()[0]:.1f} at start")
+    quality = psnr(blobs[:200])
+    rows = []
+    for w in args.workers:
+        c_before, d_before = ceiling(blobs, False), ceiling(blobs, True)
+        warm, cold = run_job(data, tmp / f"out-{w}", w, len(files))
+        c_after, d_after = ceiling(blobs, False), ceiling(blobs, True)
+        c, d = (c_before + c_after) / 2, (d_before + d_after) / 2
+        rows.append((w, warm, cold, c, d))
+        shutil.rmtree(tmp / f"out-{w}", ignore_errors=True)
+    print(f"\n{len(files):,} synthetic 256 px JPEGs -> 64 px JPEG shards (center-crop, lanczos, q90), "
+          f"500 per shard; PSNR draft vs full decode: {quality:.1f} dB\n")
+    print("| workers | job samples/s (warm) | job samples/s (cold start) | ceiling x W, full decode | ratio |"
+          " ceiling x W, draft decode | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for w, warm, cold, c, d in rows:
+        print(f"| {w} | {warm:,.0f} | {cold:,.0f} | {c * w:,.0f} | {warm / (c * w):.2f} | {d * w:,.0f} |"
+              f" {warm / (d * w):.2f} |")
+    print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
+    if args.data is None:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
