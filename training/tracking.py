@@ -153,6 +153,12 @@ class _SystemMetrics:
             from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
 
             monitors.append(GPUMonitor())
+        try:
+            self._sample(monitors)
+        except Exception as e:  # a failing monitor ends system metrics, never training
+            log.warning("system metrics stopped: %s: %s", type(e).__name__, e)
+
+    def _sample(self, monitors: list[Any]) -> None:
         step = 0
         while True:
             for m in monitors:
@@ -356,6 +362,9 @@ class Tracker:
         deadline = time.monotonic() + timeout
         if self._sysmon is not None:
             self._sysmon.stop(max(0.0, min(5.0, deadline - time.monotonic())))
+        if self._dropped:
+            log.warning("tracking: %d events were dropped because the queue was full", self._dropped)
+            self.set_tags({"latentpipe.tracking_dropped_events": self._dropped})
         self._put({"op": "end", "status": status, "end_time": _now_ms()})
         self._closed = True
         # Writing the spool is local disk work and losing it loses data: it gets at least SPOOL_GRACE_S.
@@ -369,8 +378,6 @@ class Tracker:
         self._wake.set()
         # A short grace past the deadline lets a quick last attempt end; a hung one releases the spool on exit.
         self._sender.join(max(SENDER_GRACE_S, deadline - time.monotonic()))
-        if self._dropped:
-            log.warning("tracking: %d events were dropped because the queue was full", self._dropped)
         with self._cond:
             release = self._sender_done and not self._spooler.is_alive()
             self._abandoned = not release

@@ -57,13 +57,11 @@ class Rejected(ValueError):
     """An event that no retry can make the store accept."""
 
 
-
 def artifact_location(uri: str) -> str | None:
     """For a sqlite store: ``<folder of the db>/mlartifacts``; other stores choose their own."""
     if not uri.startswith("sqlite:///"):
         return None
     return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
-
 
 
 def fast_fail_http(timeout: int) -> None:
@@ -87,7 +85,6 @@ def link_tree(src: Path, dst: Path) -> None:
         shutil.copytree(src, dst, copy_function=link)
     else:
         link(str(src), str(dst))
-
 
 
 class Spool:
@@ -205,6 +202,7 @@ class Replayer:
         self.spool, self.uri = spool, uri
         self.state = spool.load_state()
         self.on_run, self.on_register = on_run, on_register
+        self.rejected = 0
         self._client: Any = None
 
     @property
@@ -252,8 +250,10 @@ class Replayer:
                         self._reject(part, e2)
 
     def _reject(self, event: dict[str, Any], err: BaseException) -> None:
-        log.warning("MLflow refused a tracking event for good (%s: %s); recorded in %s",
-                    event.get("op"), err, self.spool.path.parent / REJECTED_FILE)
+        self.rejected += 1
+        if self.rejected & (self.rejected - 1) == 0:  # the 1st, 2nd, 4th, 8th, ...: said, not flooded
+            log.warning("MLflow refused %d tracking event(s) for good, latest %s: %s; all are recorded in %s",
+                        self.rejected, event.get("op"), err, self.spool.path.parent / REJECTED_FILE)
         with open(self.spool.path.parent / REJECTED_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps({"run_key": self.spool.path.stem, "error": str(err), "event": event}) + "\n")
         if event.get("op") == "register" and self.on_register:

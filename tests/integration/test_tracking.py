@@ -196,10 +196,12 @@ def test_sqlite_store_default_location(tmp_path: Path, monkeypatch: pytest.Monke
 def test_resume_continues_the_same_run(tmp_path: Path) -> None:
     cfg = TrackingConfig(uri=migrated_sqlite(tmp_path / "store.db"), system_metrics=False)
     first = Tracker(cfg, tmp_path / "work", active=True)
+    first.log_params({"train": {"lr": 0.1}})
     for s in range(5):
         first.log_metrics({"loss": 1.0 / (s + 1)}, step=s)
     first.close("KILLED")
     second = Tracker(cfg, tmp_path / "work", active=True, resume=True)
+    second.log_params({"train": {"lr": 0.2, "warmup": 10}})  # MLflow params are immutable: lr is refused
     for s in range(5, 8):
         second.log_metrics({"loss": 1.0 / (s + 1)}, step=s)
     second.close()
@@ -209,8 +211,30 @@ def test_resume_continues_the_same_run(tmp_path: Path) -> None:
     assert first.run_id == second.run_id != fresh.run_id
     client = client_for(cfg.uri)
     check_metric_history(client, str(second.run_id), 8)
-    assert client.get_run(str(second.run_id)).info.status == "FINISHED"
+    run = client.get_run(str(second.run_id))
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {"train.lr": "0.1", "train.warmup": "10"}  # the good param of the batch got in
+    rejected = [json.loads(line) for line in (tmp_path / "work" / SPOOL_DIR / "rejected.jsonl").open()]
+    assert [r["event"]["params"] for r in rejected] == [{"train.lr": "0.2"}]  # recorded, not silently lost
     assert json.loads((tmp_path / "work" / RUN_FILE).read_text())["run_id"] == fresh.run_id
+
+
+def test_spool_rotates_once_sent_without_losing_or_doubling(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("training.tracking.ROTATE_BYTES", 1500)  # a few dozen events per spool file
+    cfg = TrackingConfig(uri=migrated_sqlite(tmp_path / "store.db"), system_metrics=False)
+    tracker = Tracker(cfg, tmp_path, active=True)
+    spool = tracker.spool_path
+    assert spool is not None
+    for s in range(60):
+        tracker.log_metrics({"loss": 1.0 / (s + 1)}, step=s)
+        if s % 15 == 14:
+            assert tracker.flush(timeout=60)
+            assert wait_until(lambda: spool.stat().st_size < 1500)
+    assert tracker.flush(timeout=60)
+    assert '"step": 0,' not in spool.read_text(), "the sent events were cut from the spool"
+    tracker.close()
+    check_metric_history(client_for(str(cfg.uri)), str(tracker.run_id), 60)
 
 
 def test_spool_from_an_unreachable_server_replays_once_into_another_store(
