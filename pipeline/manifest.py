@@ -124,8 +124,8 @@ class OutputDir:
     """A folder of shards with atomic writes; picklable by URL (Ray tasks rebuild it)."""
 
     def __init__(self, url: str) -> None:
-        self.url = url
-        self.fs, self.root = _filesystem(url)
+        self.url = url if "://" in url else os.path.abspath(url)  # Ray workers have another cwd
+        self.fs, self.root = _filesystem(self.url)
         self.root = self.root.rstrip("/")
 
     def __reduce__(self) -> tuple[type[OutputDir], tuple[str]]:

@@ -54,6 +54,7 @@ log = logging.getLogger("latentpipe.shard")
 
 INDEX_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.int64()), ("caption", pa.string()),
                           ("width", pa.int32()), ("height", pa.int32()), ("sha256", pa.string())])
+INTERNAL_ERROR = "internal_error"  # counted like any skip; its details name the exception
 CRASH_HOOK_ENV = "LATENTPIPE_TEST_CRASH"  # "shard=N,after=K,marker=PATH": first attempt of shard N exits
 
 
@@ -132,6 +133,10 @@ def _process(raw: RawSample, fetched: FetchResult | None, cfg: ShardConfig, stat
         img = process_image(data, cfg.image)
     except (CaptionError, ImageError) as e:
         stats.skip(e.reason, **where, detail=str(e)[:300])
+        return None
+    except Exception as e:  # a sample that trips an unforeseen library error must not sink its shard
+        log.warning("input %d (%s): unexpected %s: %s", raw.index, raw.source_id, type(e).__name__, e)
+        stats.skip(INTERNAL_ERROR, **where, detail=f"{type(e).__name__}: {e}"[:300])
         return None
     seen.add(sha)
     key = sample_key(raw.index)

@@ -60,6 +60,7 @@ UNSAFE_MEMBER = "unsafe_member"
 CORRUPT_TAR = "corrupt_tar"
 TRUNCATED_TAR = "truncated_tar"
 BAD_SIDECAR = "bad_sidecar"
+CORRUPT_TABLE = "corrupt_table"
 
 
 class SourceError(ValueError):
@@ -298,36 +299,47 @@ class TableSource(Source):
             yield f"{url}|{rows}|{size}"
         yield f"{self.image_col}|{self.caption_col}"
 
-    def _rows(self, i: int, a: int, b: int) -> pa.Table:
-        """Rows ``[a, b)`` of file ``i`` (parquet: only the row groups that overlap)."""
+    def _chunks(self, i: int, a: int, b: int) -> Iterator[tuple[int, int, pa.Table | Exception]]:
+        """Rows ``[a, b)`` of file ``i`` as (first row, end row, table or the error reading it).
+
+        Parquet is read one overlapping row group at a time, so a damaged group costs only its rows.
+        """
         if i in self.inline:
-            return self.inline[i].slice(a, b - a)
+            yield a, b, self.inline[i].slice(a, b - a)
+            return
         import pyarrow.parquet as pq
 
         fs, path = fsspec.core.url_to_fs(self.files[i][0])
         with fs.open(path, "rb") as f:
             pf = pq.ParquetFile(f)
-            groups, first, offset = [], None, 0
+            offset = 0
             for g in range(pf.metadata.num_row_groups):
                 n = pf.metadata.row_group(g).num_rows
-                if offset < b and offset + n > a:
-                    groups.append(g)
-                    first = offset if first is None else first
+                lo, hi = max(a, offset), min(b, offset + n)
+                if lo < hi:
+                    try:
+                        table: pa.Table | Exception = pf.read_row_group(g, columns=self.columns)
+                    except (OSError, pa.ArrowException) as e:
+                        table = e
+                    yield lo, hi, table if isinstance(table, Exception) else table.slice(lo - offset, hi - lo)
                 offset += n
-            table = pf.read_row_groups(groups, columns=self.columns)
-        return table.slice(a - (first or 0), b - a)
 
     def read(self, start: int, stop: int) -> Iterator[RawSample]:
         offset = 0
         for i, (url, rows, _) in enumerate(self.files):
             a, b = max(start - offset, 0), min(stop - offset, rows)
-            if a < b:
-                table = self._rows(i, a, b)
+            base = url.rsplit("/", 1)[0] if "/" in url else "."
+            name = url.rsplit("/", 1)[-1]
+            for lo, hi, table in (self._chunks(i, a, b) if a < b else ()):
+                if isinstance(table, Exception):  # a damaged row group: its rows are skipped, counted
+                    transient = isinstance(table, OSError) and table.errno is not None
+                    for r in range(lo, hi):
+                        yield RawSample(offset + r, f"{name}:{r}", error=READ_ERROR if transient else CORRUPT_TABLE,
+                                        detail=f"{type(table).__name__}: {table}"[:300])
+                    continue
                 cols = {c: table.column(c).to_pylist() for c in self.columns}
-                base = url.rsplit("/", 1)[0] if "/" in url else "."
-                name = url.rsplit("/", 1)[-1]
-                for r in range(b - a):
-                    yield self._sample(offset + a + r, f"{name}:{a + r}", base, {c: cols[c][r] for c in cols})
+                for r in range(hi - lo):
+                    yield self._sample(offset + lo + r, f"{name}:{lo + r}", base, {c: cols[c][r] for c in cols})
             offset += rows
 
     def _sample(self, index: int, source_id: str, base: str, row: dict[str, Any]) -> RawSample:

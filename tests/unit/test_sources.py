@@ -101,6 +101,18 @@ def test_parquet_bytes_hf_struct_and_row_groups(tmp_path: Path) -> None:
     _ranges_agree(s, 4)  # a range that starts inside a row group
 
 
+def test_damaged_parquet_row_group_costs_only_its_rows(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"image": [_jpg(i) for i in range(9)], "caption": ["c"] * 9}), tmp_path / "rg.parquet",
+                   row_group_size=3)
+    col = pq.ParquetFile(tmp_path / "rg.parquet").metadata.row_group(1).column(0)
+    data = bytearray((tmp_path / "rg.parquet").read_bytes())
+    data[col.data_page_offset + 20:col.data_page_offset + 200] = b"\xab" * 180  # footer intact, group 1 broken
+    (tmp_path / "rg.parquet").write_bytes(bytes(data))
+    rows = _all(open_source(SourceConfig(spec=str(tmp_path / "rg.parquet"))))
+    assert [r.error for r in rows] == [None] * 3 + [src.CORRUPT_TABLE] * 3 + [None] * 3
+    assert [r.data for r in rows[6:]] == [_jpg(i) for i in range(6, 9)]
+
+
 def test_multiple_parquet_files_by_glob(tmp_path: Path) -> None:
     for f in range(2):
         pq.write_table(pa.table({"jpg": [_jpg(f * 3 + i) for i in range(3)], "caption": ["x"] * 3}),
