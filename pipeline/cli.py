@@ -24,11 +24,12 @@ from preprocessing.config import ConfigError, dump_yaml, load_config
 # Order is the order shown by --help.
 SUBCOMMANDS = (
     "pipeline.commands.synth",
-    "pipeline.commands.sample",
-    "pipeline.commands.eval",
     "pipeline.commands.shard",
     "pipeline.commands.encode",
     "pipeline.commands.train",
+    "pipeline.commands.sample",
+    "pipeline.commands.eval",
+    "pipeline.commands.demo",
 )
 
 T = TypeVar("T")

@@ -1,0 +1,237 @@
+"""The whole pipeline on embedded defaults: synthetic scenes -> shard -> KL-VAE + VQGAN ->
+encode -> diffusion, flow and autoregressive priors -> eval -> sample grids.
+
+Every stage runs the real ``latentpipe`` command in a subprocess and leaves its real outputs
+in the workdir; a stage whose outputs are complete is skipped on a rerun (``fresh`` redoes
+everything). Models are registered in the MLflow store ``sqlite:///<workdir>/mlflow.db``
+(or ``$MLFLOW_TRACKING_URI``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+log = logging.getLogger("latentpipe.demo")
+
+PRIORS = ("ddpm", "flow", "ar")
+PROMPTS = (
+    "a large red circle on the left",
+    "a small blue square at the top and a large yellow star at the bottom",
+    "two small green triangles on the left and on the right",
+    "a large white hexagon in the centre on a dark background",
+)
+
+
+@dataclass
+class DemoConfig:
+    """Sizes of every stage; ``scale`` picks a preset, explicit values override it."""
+
+    workdir: str = "demo-run"
+    scale: Literal["tiny", "small"] = "tiny"
+    samples: int = 0  # 0: from the scale preset
+    samples_per_shard: int = 0
+    ae_steps: int = 0
+    prior_steps: int = 0
+    batch_size: int = 0
+    scorer_steps: int = 0
+    eval_n: int = 0
+    priors: list[str] = field(default_factory=lambda: list(PRIORS))
+    nproc: int = 0  # ranks per training job; 0: the GPUs present, else 2 CPU ranks
+    ray_address: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        bad = sorted(set(self.priors) - set(PRIORS))
+        if bad:
+            raise ValueError(f"unknown prior {bad[0]!r} (choose from {', '.join(PRIORS)})")
+        preset = SCALES[self.scale]
+        for key, value in preset.items():
+            if getattr(self, key) == 0:
+                setattr(self, key, value)
+
+
+SCALES: dict[str, dict[str, int]] = {
+    # tiny: the whole pipeline within ~15 minutes on a 2-core CPU.
+    "tiny": {"samples": 2000, "samples_per_shard": 250, "ae_steps": 300, "prior_steps": 300,
+             "batch_size": 32, "scorer_steps": 600, "eval_n": 100},
+    # small: long enough for the evaluation's quality goals (hours on a CPU, minutes on a GPU).
+    "small": {"samples": 20000, "samples_per_shard": 1000, "ae_steps": 4000, "prior_steps": 6000,
+              "batch_size": 64, "scorer_steps": 2000, "eval_n": 500},
+}
+
+
+def configs_dir() -> Path:
+    """The YAML configs: ``$LATENTPIPE_CONFIGS``, else ``configs/`` of this source checkout."""
+    env = os.environ.get("LATENTPIPE_CONFIGS")
+    path = Path(env) if env else Path(__file__).resolve().parents[1] / "configs"
+    if not (path / "ae_kl_demo.yaml").is_file():
+        raise FileNotFoundError(f"demo configs not found in {path} (set LATENTPIPE_CONFIGS)")
+    return path
+
+
+class Demo:
+    def __init__(self, cfg: DemoConfig, fresh: bool = False) -> None:
+        self.cfg = cfg
+        self.root = Path(cfg.workdir).resolve()
+        if fresh and self.root.exists():
+            shutil.rmtree(self.root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.root / 'mlflow.db'}"
+        self.env = dict(os.environ, MLFLOW_TRACKING_URI=self.tracking_uri, HF_HUB_OFFLINE="1")
+        self.env.setdefault("DS_ACCELERATOR", "cpu" if not _gpus() else "cuda")
+        self.configs = configs_dir()
+        self.timings: dict[str, float] = {}
+        self.made: dict[str, str] = {}
+        self.metrics: dict[str, dict[str, float]] = {}
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def latentpipe(self, stage: str, *args: str) -> None:
+        cmd = [sys.executable, "-m", "pipeline.cli", *args]
+        log.info("[%s] %s", stage, " ".join(_short(a) for a in ["latentpipe", *args]))
+        t0 = time.monotonic()
+        r = subprocess.run(cmd, env=self.env)
+        self.timings[stage] = self.timings.get(stage, 0.0) + time.monotonic() - t0
+        if r.returncode != 0:
+            raise RuntimeError(f"stage {stage} failed (exit {r.returncode}); rerun `latentpipe demo` to resume")
+
+    def skip(self, stage: str, marker: Path) -> bool:
+        if marker.exists():
+            log.info("[%s] complete, skipped (%s)", stage, marker.relative_to(self.root))
+            return True
+        return False
+
+    def train(self, stage: str, config: str, workdir: Path, *overrides: str) -> Path:
+        export = workdir / "export" / "export.json"
+        if not self.skip(stage, export):
+            nproc = self.cfg.nproc or max(_gpus(), 2)
+            resume = ["--resume"] if _has_checkpoint(workdir) else []
+            self.latentpipe(stage, "train", str(self.configs / config), f"workdir={workdir}",
+                            f"tracking.uri={self.tracking_uri}", f"tracking.register_as=latentpipe-demo-{stage}",
+                            f"data.batch_size={self.cfg.batch_size}", f"seed={self.cfg.seed}", *overrides,
+                            "--launcher", "torchrun", "--nproc", str(nproc), *resume)
+        self.made[stage] = str(workdir / "export")
+        return workdir / "export"
+
+    # -- stages ------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        c, root = self.cfg, self.root
+        data = root / "data"
+        ray = ["--ray-address", c.ray_address] if c.ray_address else []
+        if not self.skip("shard", data / "images" / "_manifest.json"):
+            self.latentpipe("shard", "shard", "--source", f"synthetic:{c.samples}", "--out", str(data),
+                            "--size", "32", "--format", "png", "--samples-per-shard", str(c.samples_per_shard),
+                            f"source.synthetic_seed={c.seed}", "source.synthetic_size=32", *ray)
+        self.made["image shards"] = str(data / "images")
+        images = str(data / "images")
+        ae_steps = [f"steps={c.ae_steps}", f"checkpoint.every_steps={max(c.ae_steps // 2, 1)}",
+                    f"sample_every={c.ae_steps}", f"data.shards={images}"]
+        kl = self.train("kl-vae", "ae_kl_demo.yaml", root / "runs" / "kl-vae", *ae_steps)
+        vq = None
+        if "ar" in c.priors:
+            vq = self.train("vqgan", "ae_vq_demo.yaml", root / "runs" / "vqgan", *ae_steps)
+        latents = self.encode(data, kl, vq, ray)
+        manifest = json.loads((latents / "_manifest.json").read_text())
+        scaling = manifest.get("scaling_factor") or 1.0
+        prior_steps = [f"steps={c.prior_steps}", f"checkpoint.every_steps={max(c.prior_steps // 2, 1)}",
+                       f"sample_every={c.prior_steps}", f"data.shards={latents}"]
+        for kind in c.priors:
+            refs = [f"model.vqgan={vq}"] if kind == "ar" else [f"model.vae={kl}", f"model.scaling_factor={scaling}"]
+            self.train(kind, f"prior_{kind}_demo.yaml", root / "runs" / kind, *prior_steps, *refs)
+        self.evaluate()
+        self.samples()
+        return self.summary()
+
+    def encode(self, data: Path, kl: Path, vq: Path | None, ray: list[str]) -> Path:
+        found = sorted((data / "latents").glob("*/_manifest.json")) if (data / "latents").exists() else []
+        complete = [m.parent for m in found if json.loads(m.read_text()).get("complete")]
+        args = ["encode", "--images", str(data / "images"), "--out", str(data), "--vae", str(kl),
+                "--text-encoder", "minilm", "--text-max-length", "32", *ray]
+        if vq is not None:
+            args += ["--vqgan", str(vq)]
+        if len(complete) == 1 and self.skip("encode", complete[0] / "_manifest.json"):
+            latents = complete[0]
+        else:
+            self.latentpipe("encode", *args)
+            found = sorted((data / "latents").glob("*/_manifest.json"), key=lambda p: p.stat().st_mtime)
+            latents = found[-1].parent
+        self.made["latent shards"] = str(latents)
+        return latents
+
+    def evaluate(self) -> None:
+        scorer = self.root / "scorer"
+        if not self.skip("scorer", scorer / "scorer.safetensors"):
+            self.latentpipe("scorer", "eval", "train-scorer", "--scorer", str(scorer),
+                            "--scorer-steps", str(self.cfg.scorer_steps))
+        self.made["scorer"] = str(scorer)
+        for kind in self.cfg.priors:
+            out = self.root / "eval" / kind
+            if not self.skip(f"eval-{kind}", out / "metrics.json"):
+                self.latentpipe(f"eval-{kind}", "eval", "--model", f"models:/latentpipe-demo-{kind}@latest",
+                                "--scorer", str(scorer), "--n", str(self.cfg.eval_n), "--out", str(out))
+            self.metrics[kind] = json.loads((out / "metrics.json").read_text())
+
+    def samples(self) -> None:
+        for kind in self.cfg.priors:
+            out = self.root / "samples" / f"{kind}.png"
+            if not self.skip(f"sample-{kind}", out):
+                prompts = [a for p in PROMPTS for a in ("--prompt", p)]
+                self.latentpipe(f"sample-{kind}", "sample", "--model", f"models:/latentpipe-demo-{kind}@latest",
+                                *prompts, "--n", "6", "--out", str(out))
+            self.made[f"{kind} samples"] = str(out)
+
+    def summary(self) -> dict[str, Any]:
+        result = {"workdir": str(self.root), "made": self.made, "metrics": self.metrics,
+                  "tracking_uri": self.tracking_uri, "seconds": self.timings}
+        (self.root / "demo_summary.json").write_text(json.dumps(result, indent=2))
+        return result
+
+
+def format_summary(result: dict[str, Any]) -> str:
+    lines = ["", f"latentpipe demo: done in {result['workdir']}", ""]
+    width = max(len(k) for k in result["made"])
+    lines += [f"  {k:<{width}}  {v}" for k, v in result["made"].items()]
+    if result["metrics"]:
+        lines += ["", "  prior  caption acc  shape  colour  size  Frechet  (real halves)"]
+        for kind, m in result["metrics"].items():
+            lines.append(f"  {kind:<5}  {m['caption_accuracy']:>11.3f}  {m['shape']:>5.2f}  {m['colour']:>6.2f}  "
+                         f"{m['size']:>4.2f}  {m['frechet']:>7.2f}  ({m['frechet_real_halves']:.2f})")
+    uri = result["tracking_uri"]
+    lines += ["", "Open the MLflow UI (runs, metrics, sample grids, registered models):"]
+    if uri.startswith("sqlite:"):
+        lines.append(f"  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    else:
+        lines.append(f"  {uri}")
+    lines.append("Sample more: latentpipe sample --model models:/latentpipe-demo-flow@latest "
+                 "--prompt 'a large red circle on the left' --out grid.png")
+    return "\n".join(lines)
+
+
+def _gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:
+        return 0
+
+
+def _has_checkpoint(workdir: Path) -> bool:
+    from training.checkpoint import latest_complete
+
+    root = workdir / "checkpoints"
+    return root.is_dir() and latest_complete(root) is not None
+
+
+def _short(arg: str) -> str:
+    return arg if len(arg) < 80 else arg[:77] + "..."
