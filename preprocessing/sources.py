@@ -416,7 +416,13 @@ class TarSource(Source):
     def _plan_tar(self, t: int, url: str) -> None:
         size, err = 0, None
         members: list[tuple[tarfile.TarInfo, int]] = []
-        f, proc = self._open(url)
+        try:
+            f, proc = self._open(url)
+        except OSError as e:  # unreadable (permissions, a vanished file): one counted input
+            self.tars.append((url, 0, True))
+            self.items.append((t, f"<tar error {len(self.items)}>", None, None, None, CORRUPT_TAR,
+                               f"{url}: {type(e).__name__}: {e}"))
+            return
         try:
             streamed = proc is not None or _is_compressed(f.read(6))
             if proc is None:
