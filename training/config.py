@@ -106,7 +106,7 @@ class TrainConfig:
     nonfinite: Literal["skip", "stop"] = "skip"  # a non-finite loss: skip that step, or stop the run
     max_nonfinite: int = 100  # stop anyway after this many skipped steps
     resume: bool = False  # continue from the latest complete checkpoint (none: an error)
-    log_keys: bool = False  # append each step's sample keys to <workdir>/keys/rank-R.jsonl (audit)
+    log_keys: bool = False  # append each step's keys to <workdir>/keys/start-S-rank-R.jsonl (audit)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model.get("kind"), str):

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from preprocessing.config import ConfigError, config_hash, to_dict
+from preprocessing.config import ConfigError, config_hash, save_config, to_dict
 from training import checkpoint as ckpt
 from training.config import TrainConfig
 from training.data import DataConfig, ShardStream
@@ -124,6 +124,7 @@ class Trainer:
         self.stop = _StopFlag()
         self._flops: float | None = None
         self._eval_batch: dict[str, Any] | None = None
+        self._start_step = 0
 
     # -- resume ----------------------------------------------------------------------------------
 
@@ -277,10 +278,14 @@ class Trainer:
         any_bad = False
         for part in self.family.parts(self.step):
             engine = self.engines[part]
+            # Other parts go in unwrapped: a DeepSpeed engine's forward hooks its outputs into the
+            # *caller's* backward, which would run that engine's gradient epilogue (ZeRO-3 still
+            # gathers their parameters: its hooks sit on the module itself).
+            modules = {k: (e if k == part else e.module) for k, e in self.engines.items()}
             total, bad = 0.0, False
             extra_sums: dict[str, float] = {}
             for i, batch in enumerate(batches):
-                loss, extra = self.family.loss(part, self.modules, batch, self.step)
+                loss, extra = self.family.loss(part, modules, batch, self.step)
                 value = float(loss.detach().float())
                 finite = bool(torch.isfinite(loss.detach()).all())
                 red = _allreduce([value if finite else 0.0, 0.0 if finite else 1.0], self.di.device)
@@ -312,7 +317,8 @@ class Trainer:
             if self.cfg.log_keys:
                 keys_dir = self.workdir / "keys"
                 keys_dir.mkdir(parents=True, exist_ok=True)
-                with open(keys_dir / f"rank-{self.di.rank:05d}.jsonl", "a", encoding="utf-8") as f:
+                name = f"start-{self._start_step:06d}-rank-{self.di.rank:05d}.jsonl"
+                with open(keys_dir / name, "a", encoding="utf-8") as f:
                     f.write(json.dumps({"step": self.step, "keys": list(batch["__key__"])}) + "\n")
             out.append(_to_device(batch, self.di.device))
         return out
@@ -324,7 +330,15 @@ class Trainer:
             self._restore(self.resume_from)
         else:
             torch.manual_seed(cfg.seed + di.rank)  # per-rank RNG (e.g. noise draws) after identical init
-        self.tracker.log_config(to_dict(cfg))
+        self._start_step = self.step
+        if self.resume_from is None:
+            self.tracker.log_config(to_dict(cfg))
+        else:  # MLflow params are write-once: a resume's config (e.g. a new world size) is an artifact
+            path = self.workdir / f"train_config.resume-{self.step:06d}.yaml"
+            if di.rank == 0:
+                save_config(cfg, path)
+                self.tracker.log_artifact(path, "resumes")
+                self.tracker.set_tags({"resumed_from_step": str(self.step), "world_size": str(di.world_size)})
         self.tracker.set_tags({"family": self.family.name, "git_commit": _git_commit(),
                                "data_fingerprint": self.stream.fingerprint})
         self.stop.install()

@@ -81,21 +81,48 @@ def deepspeed_command(config_path: Path, opts: LaunchOptions) -> list[str]:
     return cmd + ["--module", "training.launch", str(config_path.resolve())]
 
 
+def _rank_processes(pid: int) -> list[Any]:
+    """The training ranks among ``pid``'s descendants: processes with LOCAL_RANK in their
+    environment whose parent has none (data-loader workers are forks of a rank: same env)."""
+    import psutil
+
+    def is_rank(p: Any) -> bool:
+        try:
+            return "LOCAL_RANK" in p.environ()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            return False
+
+    try:
+        procs = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    ranks = []
+    for p in procs:
+        try:
+            parent = p.parent()
+        except psutil.NoSuchProcess:
+            continue
+        if is_rank(p) and (parent is None or not is_rank(parent)):
+            ranks.append(p)
+    return ranks
+
+
 def _run_forwarding_sigterm(cmd: list[str]) -> int:
-    """Run a launcher; a SIGTERM to us goes straight to its worker processes (they checkpoint
-    and exit 0, so the launcher exits 0 too) rather than to the launcher (which would kill them)."""
+    """Run a launcher; a SIGTERM to us goes straight to the rank processes (they checkpoint and
+    exit 0, so the launcher exits 0 too), not to the launcher (torchrun would kill them after
+    its grace period and exit non-zero) nor to data-loader workers (the rank would crash)."""
     import psutil
 
     proc = subprocess.Popen(cmd)
 
     def forward(signum: int, frame: Any) -> None:
-        try:
-            workers = psutil.Process(proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return
-        for w in workers or [psutil.Process(proc.pid)]:
+        targets = _rank_processes(proc.pid)
+        if not targets:  # no rank started yet: the launcher itself stops
             with contextlib.suppress(psutil.NoSuchProcess):
-                w.send_signal(signal.SIGTERM)
+                targets = [psutil.Process(proc.pid)]
+        for p in targets:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.send_signal(signal.SIGTERM)
 
     old = signal.signal(signal.SIGTERM, forward)
     try:

@@ -10,7 +10,7 @@ two optimizers and ``parts(step)``.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -29,6 +29,7 @@ class ToyConfig:
     hidden: int = 64        # MLP trunk width
     depth: int = 1          # MLP trunk layers
     dropout: float = 0.0    # draws from the torch RNG, so resume must restore it to be exact
+    nan_loss_steps: list[int] = field(default_factory=list)  # fault injection: the loss is NaN at these steps
 
     def __post_init__(self) -> None:
         if self.channels < 1 or self.hidden < 1 or self.depth < 0:
@@ -97,6 +98,8 @@ class ToyFamily(Family):
         x, y = _target(batch, _dtype_of(model))
         pred = model(x)  # [B, 3]
         loss = F.mse_loss(pred.float(), y.float())
+        if step in self.cfg.nan_loss_steps:
+            loss = loss * float("nan")
         return loss, {}
 
     @torch.no_grad()
@@ -154,7 +157,10 @@ class ToyGanFamily(Family):
                 adv = ((disc(pred.to(_dtype_of(disc).dtype)).float() - 1.0) ** 2).mean()
             finally:
                 disc.requires_grad_(True)
-            return mse + self.cfg.adv_weight * adv, {"mse": float(mse.detach()), "adv": float(adv.detach())}
+            loss = mse + self.cfg.adv_weight * adv
+            if step in self.cfg.nan_loss_steps:
+                loss = loss * float("nan")
+            return loss, {"mse": float(mse.detach()), "adv": float(adv.detach())}
         if part == "disc":
             with torch.no_grad():
                 pred = model(x)  # no generator graph
