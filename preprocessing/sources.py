@@ -167,15 +167,13 @@ class FolderSource(Source):
         if not self.fs.isdir(self.root):
             raise SourceError(f"source folder not found: {spec}")
         self.caption_field, self.max_bytes = cfg.caption_field, max_bytes
-        files: dict[str, Any] = self.fs.find(self.root, detail=True)
         # stem (relative path without extension) -> {lower ext: (relative path, size)}
         stems: dict[str, dict[str, tuple[str, int]]] = {}
-        for path, info in files.items():
-            rel = posixpath.relpath(path, self.root)
+        for rel, size in self._list():
             if any(part.startswith(".") for part in rel.split("/")) or "." not in posixpath.basename(rel):
                 continue
             stem, ext = rel.rsplit(".", 1)
-            stems.setdefault(stem, {}).setdefault(ext.lower(), (rel, int(info.get("size") or 0)))
+            stems.setdefault(stem, {}).setdefault(ext.lower(), (rel, size))
         # (image rel, size, txt rel, json rel, error)
         self.items: list[tuple[str, int, str | None, str | None, str | None]] = []
         for stem in sorted(stems):
@@ -187,6 +185,23 @@ class FolderSource(Source):
                 rel, size = by_ext[ext]
                 self.items.append((rel, size, txt, js, None if n == 0 else DUPLICATE_NAME))
         self.num_inputs = len(self.items)
+
+    def _list(self) -> Iterator[tuple[str, int]]:
+        """(relative path, size) of every file below the root; locally by scandir (no stat of sidecars)."""
+        if not _is_local(self.fs):
+            for path, info in self.fs.find(self.root, detail=True).items():
+                yield posixpath.relpath(path, self.root), int(info.get("size") or 0)
+            return
+        stack = [""]
+        while stack:
+            sub = stack.pop()
+            with os.scandir(os.path.join(self.root, sub)) as it:
+                for e in it:
+                    rel = f"{sub}/{e.name}" if sub else e.name
+                    if e.is_dir():
+                        stack.append(rel)
+                    elif e.is_file():  # only images need a size (the cap, the fingerprint)
+                        yield rel, e.stat().st_size if e.name.rsplit(".", 1)[-1].lower() in IMAGE_EXTS else 0
 
     def _fingerprint_items(self) -> Iterable[str]:
         for rel, size, txt, js, _ in self.items:
