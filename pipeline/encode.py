@@ -84,7 +84,7 @@ class EncodeConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: one GPU per actor when the cluster has GPUs
     num_actors: int = 0  # 0: one per GPU, or one per 2 CPUs on a CPU cluster
     actor_cpus: float = 1.0
-    inflight_per_actor: int = 2  # shards queued per actor (decode runs ahead by this much)
+    inflight_per_actor: int = 3  # shards queued per actor (decode runs ahead by this much)
     ray_address: str | None = None  # None: start a local Ray; "auto" / "ray://..." join a cluster
     mlflow_uri: str | None = None  # registry of models:/ URIs; None: $MLFLOW_TRACKING_URI
     model_cache: str | None = None  # where models:/ URIs are downloaded; None: <out>/latents/_models
@@ -506,10 +506,9 @@ def run_encode(cfg: EncodeConfig, show_progress: bool = True) -> dict[str, Any]:
         actors: list[Any] = [worker_cls.options(**opts).remote(sources, cfg, device, int(cfg.actor_cpus))
                              for _ in range(n_act)]
         try:
-            identities = ray.get(actors[0].identities.remote())  # also waits for the models to load
-            t1 = time.monotonic()
-            summary["written_now"] = _run_shards(actors, inp, out, todo, inputs, enc_id, cfg, sources, show_progress)
-            summary["encode_seconds"] = time.monotonic() - t1
+            written, identities, steady = _run_shards(actors, inp, out, todo, inputs, enc_id, cfg, sources,
+                                                      show_progress)
+            summary.update(written_now=written, encode_seconds=steady)
         finally:
             for a in actors:
                 ray.kill(a)
@@ -527,17 +526,25 @@ def run_encode(cfg: EncodeConfig, show_progress: bool = True) -> dict[str, Any]:
 
 
 def _run_shards(actors: list[Any], inp: OutputDir, out: OutputDir, todo: list[int], inputs: Mapping[int, str],
-                enc_id: str, cfg: EncodeConfig, sources: list[EncoderSource], show_progress: bool) -> int:
-    """Chain decode -> encode -> write per shard, at most ``inflight_per_actor`` shards per actor."""
+                enc_id: str, cfg: EncodeConfig, sources: list[EncoderSource], show_progress: bool
+                ) -> tuple[int, list[dict[str, Any]], float]:
+    """Chain decode -> encode -> write per shard, at most ``inflight_per_actor`` shards per actor.
+
+    The first shards are decoded while the actors load their models. Returns (samples written,
+    the encoders' identities, seconds from the actors being ready to the last shard written).
+    """
     import ray
 
     decode: Any = ray.remote(num_cpus=1, max_retries=2)(decode_shard)
     write: Any = ray.remote(num_cpus=1, max_retries=2)(write_shard)
     need_images = any(s.role in ("vae", "vqgan") for s in sources)
+    ready_ref = actors[0].identities.remote()  # queued before any shard: returns once the models loaded
     load = [0] * len(actors)
     pending: dict[Any, int] = {}
     queue = list(todo)
     written = 0
+    identities: list[dict[str, Any]] | None = None
+    t_ready = time.monotonic()
     with Progress(len(todo), "encode", unit="shard", enabled=show_progress) as bar:
         while queue or pending:
             while queue and len(pending) < len(actors) * cfg.inflight_per_actor:
@@ -547,6 +554,9 @@ def _run_shards(actors: list[Any], inp: OutputDir, out: OutputDir, todo: list[in
                 enc = actors[a].encode_shard.remote(dec)
                 pending[write.remote(out, dec, enc, enc_id, inputs[i])] = a
                 load[a] += 1
+            if identities is None:
+                identities = ray.get(ready_ref)
+                t_ready = time.monotonic()
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
                 load[pending.pop(ref)] -= 1
@@ -557,7 +567,9 @@ def _run_shards(actors: list[Any], inp: OutputDir, out: OutputDir, todo: list[in
                     log.warning("%s: kept %d of %d samples, skipped %s%s", st["name"], st["written"], st["inputs"],
                                 st["skipped"], f"; damaged tar ({cut})" if cut else "")
                 bar.update(1, samples=st["written"])
-    return written
+    if identities is None:
+        identities = ray.get(ready_ref)
+    return written, identities, time.monotonic() - t_ready
 
 
 def finalize(out: OutputDir, cfg: EncodeConfig, identities: list[dict[str, Any]], stats: list[ShardStats],

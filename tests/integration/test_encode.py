@@ -256,6 +256,8 @@ def test_export_and_registered_model_sources(tmp_path: Path) -> None:
     np.testing.assert_allclose(enc.encode(x)["latent"][:, :4], post.mean.numpy(), rtol=1e-5, atol=1e-6)
     assert enc.identity()["scaling_factor"] == 0.7 and enc.identity()["family"] == "kl_vae"
 
+    import mlflow.pyfunc  # noqa: F401  imported here first: the Tracker's threads importing it at once can deadlock
+
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     tracker = Tracker(TrackingConfig(uri=uri, system_metrics=False), tmp_path / "work", active=True)
     assert tracker.register_model(tmp_path / "run" / "export", "demo-vae", {}, aliases=["best"]) == "models:/demo-vae/1"
