@@ -45,7 +45,7 @@ def test_training_run_logs_and_registers_in_postgres(postgres: PostgresServer, t
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=f, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
-        rc = proc.wait(timeout=300)
+        rc = proc.wait(timeout=600)  # a wait limit for a loaded machine, not a measured threshold
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()

@@ -56,7 +56,7 @@ def _start(args: list[str], log: Path, **env: str) -> subprocess.Popen[bytes]:
                                 stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _finish(proc: subprocess.Popen[bytes], log: Path, timeout: float = 400) -> int:
+def _finish(proc: subprocess.Popen[bytes], log: Path, timeout: float = 600) -> int:
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
