@@ -53,6 +53,8 @@ class TrainResult:
     export: str | None
     nonfinite_steps: int
     losses: list[float] = field(default_factory=list)  # primary part's mean loss per step of this process
+    step_times: list[float] = field(default_factory=list)  # seconds per step of this process
+    data_waits: list[float] = field(default_factory=list)  # seconds blocked on the loader per step
 
 
 class _StopFlag:
@@ -100,6 +102,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, dist_info: DistInfo | None = None) -> None:
         self.cfg = cfg
+        self.stop = _StopFlag()
+        self.stop.install()  # a preemption during the (slow) start-up is honoured after the first step
         self.di = dist_info or setup_distributed(cfg.deepspeed.backend)
         self.workdir = Path(cfg.workdir)
         self.ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.workdir / "checkpoints"
@@ -108,6 +112,7 @@ class Trainer:
             raise ConfigError(f"data.kind: family {self.family.name!r} trains on {self.family.data_kind}, "
                               f"got {cfg.data.kind!r}")
         self.resume_from = self._find_resume()
+        self.stream = ShardStream(cfg.data, self.di.rank, self.di.world_size)
         prev_world = int(self.resume_from.state["world_size"]) if self.resume_from else self.di.world_size
         # DeepSpeed's partitioned optimizer state only reloads at the same world size; otherwise
         # through DeepSpeed's universal checkpoint (ds_to_universal + load_universal).
@@ -117,11 +122,9 @@ class Trainer:
         self.engines = build_engines(modules, cfg, self.di.world_size, universal=self.universal)
         self.modules = {k: e for k, e in self.engines.items()}
         self.ema = ShardedEMA(self.engines["model"], cfg.ema.decay, cfg.ema.every) if cfg.ema.enabled else None
-        self.stream = ShardStream(cfg.data, self.di.rank, self.di.world_size)
         self.tracker = Tracker(cfg.tracking, self.workdir, active=self.di.rank == 0, resume=cfg.resume)
         self.step = 0
         self.nonfinite = 0
-        self.stop = _StopFlag()
         self._flops: float | None = None
         self._eval_batch: dict[str, Any] | None = None
         self._start_step = 0
@@ -226,15 +229,24 @@ class Trainer:
         out = self.workdir / "export"
         if self.di.rank == 0:
             manifest = self.stream.manifest or {}
+            # Lineage: the data it saw and, for latent shards, the encoders that made them (the
+            # text encoder identity is what `latentpipe sample` encodes prompts with).
+            encoders = {role: {"identity": e.get("identity", {})}
+                        for role, e in (manifest.get("encoders") or {}).items()}
             extra = {"step": self.step, "ema": bool(self.ema and self.ema.started),
                      "ema_decay": self.cfg.ema.decay if self.ema else None,
                      "config_hash": config_hash(self.cfg), "data_fingerprint": self.stream.fingerprint,
-                     "data_manifest_hash": manifest.get("config_hash"), "git_commit": _git_commit()}
+                     "data_manifest_hash": manifest.get("config_hash"), "encoder_id": manifest.get("encoder_id"),
+                     "encoders": encoders, "git_commit": _git_commit()}
             save_export(out, self.family.name, model_config_dict(self.family), state, extra)
             (out / "train_config.json").write_text(json.dumps(to_dict(self.cfg), indent=1), encoding="utf-8")
             if self.cfg.tracking.register_as:
-                self.tracker.register_model(out, self.cfg.tracking.register_as, tags={
-                    k: str(v) for k, v in extra.items()}, aliases=("latest",))
+                tags = {k: str(v) for k, v in extra.items() if k != "encoders" and v is not None}
+                for role, e in encoders.items():
+                    ident = e["identity"]
+                    tags[f"encoder.{role}"] = f"{ident.get('source', '?')}@{str(ident.get('sha256', ''))[:12]}"
+                # "latest" is reserved by MLflow (models:/name/latest); "final" names the end-of-run export.
+                self.tracker.register_model(out, self.cfg.tracking.register_as, tags=tags, aliases=("final",))
         if dist.is_initialized():
             dist.barrier()
         return out
@@ -341,10 +353,11 @@ class Trainer:
                 self.tracker.set_tags({"resumed_from_step": str(self.step), "world_size": str(di.world_size)})
         self.tracker.set_tags({"family": self.family.name, "git_commit": _git_commit(),
                                "data_fingerprint": self.stream.fingerprint})
-        self.stop.install()
         gas = cfg.deepspeed.grad_accum
         it = self.stream.batches(start_sample=self.step * gas * self.stream.samples_per_step)
         losses: list[float] = []
+        times: list[float] = []
+        waits: list[float] = []
         last_ckpt: Path | None = None
         stopped = False
         peak = peak_flops(di.device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
@@ -383,6 +396,8 @@ class Trainer:
                     self.ema.update()
                 dt = time.perf_counter() - t0
                 losses.append(logs.get("loss/model", float("nan")))
+                times.append(dt)
+                waits.append(t_data)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     sps = cfg.data.batch_size * gas * di.world_size / dt
                     logs.update({"samples_per_s": sps, "data_wait": t_data / dt, "step_time": dt,
@@ -409,7 +424,7 @@ class Trainer:
                     export = str(self.export())
             self.tracker.close("KILLED" if stopped else "FINISHED")
             return TrainResult(self.step, stopped, str(last_ckpt) if last_ckpt else None, export,
-                               self.nonfinite, losses)
+                               self.nonfinite, losses, times, waits)
         except BaseException:
             self.tracker.close("FAILED")
             raise
