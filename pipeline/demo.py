@@ -177,7 +177,7 @@ class Demo:
         for kind in self.cfg.priors:
             out = self.root / "eval" / kind
             if not self.skip(f"eval-{kind}", out / "metrics.json"):
-                self.latentpipe(f"eval-{kind}", "eval", "--model", f"models:/latentpipe-demo-{kind}@latest",
+                self.latentpipe(f"eval-{kind}", "eval", "--model", f"models:/latentpipe-demo-{kind}@final",
                                 "--scorer", str(scorer), "--n", str(self.cfg.eval_n), "--out", str(out))
             self.metrics[kind] = json.loads((out / "metrics.json").read_text())
 
@@ -186,7 +186,7 @@ class Demo:
             out = self.root / "samples" / f"{kind}.png"
             if not self.skip(f"sample-{kind}", out):
                 prompts = [a for p in PROMPTS for a in ("--prompt", p)]
-                self.latentpipe(f"sample-{kind}", "sample", "--model", f"models:/latentpipe-demo-{kind}@latest",
+                self.latentpipe(f"sample-{kind}", "sample", "--model", f"models:/latentpipe-demo-{kind}@final",
                                 *prompts, "--n", "6", "--out", str(out))
             self.made[f"{kind} samples"] = str(out)
 
@@ -212,7 +212,7 @@ def format_summary(result: dict[str, Any]) -> str:
         lines.append(f"  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
     else:
         lines.append(f"  {uri}")
-    lines.append("Sample more: latentpipe sample --model models:/latentpipe-demo-flow@latest "
+    lines.append("Sample more: latentpipe sample --model models:/latentpipe-demo-flow@final "
                  "--prompt 'a large red circle on the left' --out grid.png")
     return "\n".join(lines)
 
