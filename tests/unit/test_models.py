@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -165,3 +166,20 @@ def test_family_loss_eval_and_grid(kind: str, backbone: str) -> None:
     assert fam.evaluate(modules, batch, 0) == fam.evaluate(modules, batch, 10)  # fixed noise and times
     grid = fam.log_images(modules, batch)["samples"]
     assert grid.size == (3 * 8 * 4, 2 * 8 * 4)  # data latents over samples, 4x nearest upscaling
+
+
+def test_family_grid_decodes_with_a_configured_vae(tmp_path: Path) -> None:
+    from diffusers import AutoencoderKL
+
+    from training.families import family_from_config
+
+    AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                  block_out_channels=(8, 16, 16), latent_channels=4, norm_num_groups=8,
+                  layers_per_block=1).save_pretrained(tmp_path / "vae")  # type: ignore[attr-defined]  # f4: 32 px <-> 8x8
+    fam = family_from_config({"kind": "flow", "text_dim": 32, "grid_samples": 2, "vae": str(tmp_path / "vae"),
+                              "scaling_factor": 0.5, "sample": {"steps": 2}})
+    modules = fam.build()
+    grid = fam.log_images(modules, _batch(3))["samples"]
+    assert grid.size == (2 * 32, 2 * 32)  # data decoded over samples decoded
+    z, images = fam.generate(modules["model"], TextCond.of(torch.randn(2, 5, 32)), steps=2)  # type: ignore[attr-defined]
+    assert z.shape == (2, 4, 8, 8) and images is not None and images.shape == (2, 3, 32, 32)

@@ -221,6 +221,7 @@ class LatentPriorFamily(Family, abc.ABC):
         images: torch.Tensor = vae.decode(z / c.scaling_factor + c.shift_factor, return_dict=False)[0]  # type: ignore[operator]
         return z, images.clamp(-1, 1)
 
+    @torch.no_grad()
     def log_images(self, modules: Mapping[str, nn.Module], batch: Mapping[str, Any]) -> dict[str, Image.Image]:
         """Top row: the batch's data (decoded or latent view); bottom row: samples for its captions."""
         model = modules["model"]
