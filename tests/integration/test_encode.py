@@ -272,3 +272,32 @@ def test_export_and_registered_model_sources(tmp_path: Path) -> None:
         resolve_source("vae", "models:/demo-vae@missing", tmp_path / "cache", uri)
     with pytest.raises(ConfigError, match="an export of family 'kl_vae', expected 'vqgan'"):
         build_encoder(resolve_source("vqgan", str(tmp_path / "run")), EncodeConfig(), "cpu")
+
+
+def test_decode_keeps_what_precedes_any_tar_damage(tmp_path: Path) -> None:
+    """Cut mid-member, cut at a header boundary (which tarfile alone takes for a complete
+    archive), garbage and empty files: every case is flagged and the intact samples are kept."""
+    from pipeline.encode import decode_shard
+    from pipeline.manifest import OutputDir
+    from tests.shards import make_image_shards
+
+    folder = make_image_shards(tmp_path, 1, 6)
+    tar = folder / "shard-000000.tar"
+    full = decode_shard(OutputDir(str(folder)), 0, True)
+    assert full["stats"].inputs == 6 and len(full["keys"]) == 6 and full["stats"].extra["truncated"] is None
+    data = tar.read_bytes()
+    with tarfile.open(tar) as tf:
+        members = tf.getmembers()
+    header_cut = members[9].offset  # the 4th sample's 1st member: its header is gone, earlier files intact
+    cases = {"mid_member": (members[4].offset_data + 10, 1), "header_boundary": (header_cut, 3),
+             "garbage": (None, 0), "empty": (0, 0)}
+    for name, (cut, kept) in cases.items():
+        d = tmp_path / name
+        d.mkdir()
+        (d / "shard-000000.tar").write_bytes(b"not a tar" * 100 if cut is None else data[:cut])
+        r = decode_shard(OutputDir(str(d)), 0, True)
+        st = r["stats"]
+        assert st.extra["truncated"], name
+        assert r["keys"] == full["keys"][:kept], name
+        st.written = len(r["keys"])
+        st.check()  # every sample read is accounted for: kept or skipped with a reason
