@@ -313,15 +313,16 @@ class VQGANFamily(_AutoencoderFamily):
             self._restarted = n
             self._counts = None
         if n:
-            _assign_rows(weight, new.to(weight.dtype), rows, optimizer)
+            # at step 0 (k-means init) no optimizer state exists yet: only restarts reset moments
+            _assign_rows(weight, new.to(weight.dtype), rows, optimizer if restart else None)
 
 
 def _assign_rows(param: nn.Parameter, value: Tensor, rows: Tensor, optimizer: Any) -> None:
-    """Set ``param`` [K,D] to ``value`` (only ``rows`` differ) and zero those rows' Adam moments.
+    """Set ``param`` [K,D] to ``value`` (only ``rows`` differ); with an ``optimizer``, zero those rows' Adam moments.
 
     Written into the module and, under ZeRO 1-3, into DeepSpeed's fp32 master copy (deepspeed.utils
-    ``safe_set_full_*``), which would otherwise overwrite the module at the next step. Without ZeRO the
-    torch optimizer's state is edited directly.
+    ``safe_set_full_*``, collective: every rank calls it), which would otherwise overwrite the module at
+    the next step. Without ZeRO the torch optimizer's state is edited directly.
     """
     with torch.no_grad():
         param.data.copy_(value)
@@ -333,6 +334,8 @@ def _assign_rows(param: nn.Parameter, value: Tensor, rows: Tensor, optimizer: An
         )
 
         safe_set_full_fp32_param(param, value.float())
+        if optimizer is None:
+            return
         for key in ("exp_avg", "exp_avg_sq"):
             state = safe_get_full_optimizer_state(param, key)
             if state is not None:
