@@ -27,7 +27,7 @@ from training.export import load_export, save_export
 from training.families import family_from_config, model_config_dict
 from training.families.ar import ARFamily, ARFamilyConfig
 from training.models.ar import PRESETS, ARConfig, ARPrior, build_ar
-from training.objectives.autoregressive import AutoregressiveObjective
+from training.objectives.autoregressive import AutoregressiveObjective, keyed_uniform
 
 ROOT = Path(__file__).resolve().parents[2]
 K, GRID, L, D = 8, (2, 2), 3, 8
@@ -223,17 +223,22 @@ def test_objective_is_teacher_forced_next_token_nll() -> None:
     flat = tiny(extra_tokens=3)
     torch.nn.init.zeros_(flat.lm.lm_head.weight)
     flat_loss, _ = AutoregressiveObjective(K, cond_drop=0.0).loss(flat, batch)
-    assert float(flat_loss) == pytest.approx(math.log(K), abs=1e-6)
+    assert float(flat_loss.detach()) == pytest.approx(math.log(K), abs=1e-6)
 
 
 def test_caption_dropout_clears_whole_rows_at_rate_p() -> None:
     obj = AutoregressiveObjective(K, cond_drop=0.3)
     mask = torch.ones(20000, L, dtype=torch.bool)
-    out = obj.drop_mask(mask, torch.Generator().manual_seed(0))
+    keys = [f"{i:09d}" for i in range(20000)]
+    u = keyed_uniform(keys, step=7)
+    assert torch.equal(u, keyed_uniform(keys, 7)) and not torch.equal(u, keyed_uniform(keys, 8))
+    assert torch.equal(keyed_uniform(keys[5:9], 7), u[5:9])  # per key: any batch split, any world size
+    out = obj.drop_mask(mask, u)
     rows = out.any(1)
     assert torch.equal(out, rows[:, None].expand_as(out))
     assert abs((~rows).float().mean().item() - 0.3) < 0.015
-    assert AutoregressiveObjective(K, 1.0).drop_mask(mask).sum() == 0
+    assert abs(keyed_uniform(keys, 3).mean().item() - 0.5) < 0.01
+    assert AutoregressiveObjective(K, 1.0).drop_mask(mask, torch.rand(20000)).sum() == 0
     # A fully dropped caption is exactly the unconditional model.
     model = tiny(seed=5).eval()
     batch = synthetic_batch(6, torch.randn(3, L, D), torch.Generator().manual_seed(3))
@@ -282,9 +287,18 @@ def test_family_config_presets_and_export(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="model.net.widht"):
         family_from_config({"kind": "ar", "net": {"widht": 3}})
     modules = fam.build()
-    batch = {**synthetic_batch(4, torch.randn(3, L, D), torch.Generator().manual_seed(0)), "caption": ["x"] * 4}
+    batch = {**synthetic_batch(4, torch.randn(3, L, D), torch.Generator().manual_seed(0)), "caption": ["x"] * 4,
+             "__key__": ["a", "b", "c", "d"]}
     loss, logs = fam.loss("model", modules, batch, 0)
     assert loss.ndim == 0 and loss.requires_grad and set(logs) == {"ce", "token_acc", "cond_dropped"}
+    # Caption dropout is keyed on (sample key, step), not on the global RNG.
+    fam.objective.cond_drop = 0.5
+    runs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        runs.append([float(fam.loss("model", modules, batch, s)[0].detach()) for s in range(6)])
+    assert runs[0] == runs[1] and len(set(runs[0])) > 1
+    fam.objective.cond_drop = 0.1
     grid = fam.log_images(modules, batch)["samples"]
     assert grid.size == (4 * 2 * 4, 2 * 4)  # 4 samples of 2x2 codes at 4 px per code
     save_export(tmp_path / "exp", "ar", model_config_dict(fam), modules["model"].state_dict())

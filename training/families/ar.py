@@ -83,7 +83,7 @@ class ARFamily(Family):
     def build(self) -> dict[str, nn.Module]:
         return {"model": build_ar(self.cfg.net)}
 
-    def _batch(self, batch: Mapping[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    def _batch(self, batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
         for key in ("tokens", "text", "text_mask"):
             if key not in batch:
                 raise ValueError(f"the ar family needs latent shards with {key!r} (VQGAN tokens and text embeddings)")
@@ -91,8 +91,11 @@ class ARFamily(Family):
         n = self.cfg.net.num_image_tokens
         if tokens.ndim != 2 or tokens.shape[1] != n:
             raise ValueError(f"tokens {list(tokens.shape)} do not fit the model grid {self.cfg.net.grid} ({n} tokens)")
-        return {"tokens": tokens.to(device), "text": batch["text"].to(device),
-                "text_mask": batch["text_mask"].to(device)}
+        out: dict[str, Any] = {"tokens": tokens.to(device), "text": batch["text"].to(device),
+                               "text_mask": batch["text_mask"].to(device)}
+        if "__key__" in batch:
+            out["__key__"] = batch["__key__"]
+        return out
 
     def loss(self, part: str, modules: Mapping[str, nn.Module], batch: Mapping[str, Any], step: int
              ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -100,7 +103,8 @@ class ARFamily(Family):
             raise KeyError(f"ar has no part {part!r}")
         model = modules["model"]
         device = next(_unwrap(model).parameters()).device
-        return self.objective.loss(model, self._batch(batch, device))
+        # Caption dropout keyed on (sample key, step): exact on resume and at any world size.
+        return self.objective.loss(model, self._batch(batch, device), step=step)
 
     def decoder(self) -> TokenDecoder | None:
         """The VQGAN decoder of ``cfg.vqgan`` (loaded once), or None when no VQGAN is configured."""

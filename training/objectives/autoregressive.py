@@ -6,11 +6,16 @@ order (DALL·E, Ramesh et al. 2021; the text-token loss is not used since captio
 not ids). The softmax runs over the ``codebook_size`` image codes only, the same support the sampler
 draws from. With probability ``cond_drop`` a caption is replaced by the learned null prefix
 (Ho & Salimans 2022, "Classifier-Free Diffusion Guidance"; for AR priors as in Parti / Make-A-Scene).
+
+In training the dropout draw of a sample is a pure function of (sample key, step): the same
+captions are dropped whatever the world size, and a resumed run drops exactly what an
+uninterrupted one would, independent of any global RNG state.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -18,6 +23,12 @@ import torch.nn.functional as F
 
 # model(ids [B, n], text, text_mask, keep=n) -> (logits [B, n, vocab], cache); see training/models/ar.py
 ARModel = Callable[..., tuple[torch.Tensor, Any]]
+
+
+def keyed_uniform(keys: Sequence[str], step: int) -> torch.Tensor:
+    """One uniform draw in [0, 1) per key, a pure function of (key, step): float64 [B]."""
+    words = [hashlib.blake2b(f"{step}:{k}".encode(), digest_size=8).digest() for k in keys]
+    return torch.tensor([int.from_bytes(w, "little") >> 11 for w in words], dtype=torch.float64) / 2.0**53
 
 
 class AutoregressiveObjective:
@@ -29,13 +40,16 @@ class AutoregressiveObjective:
         self.codebook_size = codebook_size
         self.cond_drop = cond_drop
 
-    def drop_mask(self, text_mask: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``text_mask`` [B, L] with whole rows cleared with probability ``cond_drop`` (caption dropped)."""
-        u = torch.rand(text_mask.shape[0], generator=generator, device=text_mask.device)  # [B]
-        return text_mask & (u >= self.cond_drop).unsqueeze(1)
+    def drop_mask(self, text_mask: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """``text_mask`` [B, L] with row i cleared where ``u[i] < cond_drop`` (caption dropped); u: [B] in [0, 1)."""
+        return text_mask & (u.to(text_mask.device) >= self.cond_drop).unsqueeze(1)
 
     def loss(
-        self, model: ARModel, batch: Mapping[str, Any], generator: torch.Generator | None = None
+        self,
+        model: ARModel,
+        batch: Mapping[str, Any],
+        generator: torch.Generator | None = None,
+        step: int | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Mean cross-entropy (nats per image token) and logs.
 
@@ -43,7 +57,8 @@ class AutoregressiveObjective:
             model: the AR prior (or its DeepSpeed engine).
             batch: ``tokens`` int [B, N] in raster order, ``text`` float [B, L, D] and
                 ``text_mask`` bool [B, L] (the latent-shard batch of training/data.py).
-            generator: RNG for caption dropout (default: the global RNG).
+            generator: RNG for caption dropout when ``step`` is None (default: the global RNG).
+            step: training step; with the batch's ``__key__`` list the dropout is keyed on (key, step).
         """
         if "tokens" not in batch:
             raise ValueError("batch has no 'tokens': the AR prior needs latent shards encoded with a VQGAN")
@@ -58,7 +73,13 @@ class AutoregressiveObjective:
             )
         b, n = tokens.shape
         text_mask = batch["text_mask"].bool()
-        mask = self.drop_mask(text_mask, generator) if self.cond_drop > 0 else text_mask
+        mask = text_mask
+        if self.cond_drop > 0:
+            if step is not None and "__key__" in batch:
+                u = keyed_uniform(batch["__key__"], step)  # [B]
+            else:
+                u = torch.rand(b, generator=generator, device=generator.device if generator else text_mask.device)
+            mask = self.drop_mask(text_mask, u)
         bos = torch.full((b, 1), self.codebook_size, dtype=torch.long, device=tokens.device)
         ids = torch.cat([bos, tokens[:, :-1]], dim=1)  # [B, N]: BOS, t_0 .. t_{N-2}
         logits, _ = model(ids, batch["text"], mask, keep=n)  # [B, N, vocab]
@@ -70,4 +91,4 @@ class AutoregressiveObjective:
         return loss, {"ce": float(loss.detach()), "token_acc": float(acc), "cond_dropped": float(dropped)}
 
 
-__all__ = ["ARModel", "AutoregressiveObjective"]
+__all__ = ["ARModel", "AutoregressiveObjective", "keyed_uniform"]
