@@ -314,7 +314,7 @@ class Trainer:
                         and engine.skipped_steps == skipped_before:
                     raise NonFiniteLossError(f"part {part!r}: DeepSpeed applied a step with a non-finite loss")
             any_bad = any_bad or bad
-            logs[f"loss/{part}"] = total / len(batches)
+            logs[f"loss/{part}"] = float("nan") if bad else total / len(batches)
             logs.update({f"{part}/{k}": v for k, v in extra_sums.items()})
             logs[f"lr/{part}"] = float(engine.get_lr()[0])
             norm = engine.get_global_grad_norm()

@@ -4,10 +4,12 @@ consolidates to the full parameters. (The 2-rank sharded cases run in the integr
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from training.config import TrainConfig
 from training.ema import ShardedEMA
@@ -78,12 +80,17 @@ def test_ema_load_rejects_incomplete_or_foreign_shards(tmp_path: Path) -> None:
     ema = ShardedEMA(engine, 0.9)
     with pytest.raises(FileNotFoundError):
         ema.load(tmp_path / "nothing")
-    other = family_from_config({"kind": "toy", "channels": 4, "hidden": 16})  # other shapes
-    cfg2 = TrainConfig(model={"kind": "toy", "channels": 4, "hidden": 16})
-    cfg2.deepspeed.zero_stage = 2
-    engine2 = build_engines(build_modules(other, cfg2, info.world_size), cfg2, info.world_size)["model"]
-    ema2 = ShardedEMA(engine2, 0.9)
-    ema2.start()
-    ema2.save(tmp_path / "ema")
+    name, (_, numel, full, _) = next(iter(ema.meta.items()))
+    # Shards of another model (a parameter with other shapes), then shards missing a piece.
+    (tmp_path / "a").mkdir()
+    save_file({name: torch.zeros(full + 1)}, str(tmp_path / "a" / "rank-00000.safetensors"),
+              metadata={"fragments": json.dumps({name: [0, full + 1, full + 1]})})
     with pytest.raises(ValueError, match="elements"):
-        ema.load(tmp_path / "ema")
+        ema.load(tmp_path / "a")
+    ema.start()
+    ema.save(tmp_path / "b")
+    half = {name: ema.shadow[name][: numel // 2].contiguous()}
+    save_file(half, str(tmp_path / "b" / "rank-00000.safetensors"),
+              metadata={"fragments": json.dumps({name: [0, numel // 2, full]})})
+    with pytest.raises(ValueError, match="does not cover"):
+        ShardedEMA(engine, 0.9).load(tmp_path / "b")
