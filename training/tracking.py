@@ -297,6 +297,7 @@ class Tracker:
         """Register an export folder as a new version of ``name`` (pyfunc from code) with ``aliases``.
 
         Lineage ``tags`` (data manifest hash, encoder versions, ...) get ``git_commit`` added.
+        The alias "latest" needs no setting: ``models:/<name>/latest`` is MLflow's newest version.
         Returns ``models:/<name>/<version>`` once registered, or None when the store is
         unreachable (or slower than ``timeout``): the registration then stays spooled and is
         done on replay.
@@ -307,9 +308,12 @@ class Tracker:
         for f in ("export.json", "model.safetensors"):
             if not (src / f).is_file():
                 raise FileNotFoundError(f"not an export folder (no {f}): {src}")
+        # "latest" is MLflow's own reserved pointer (models:/<name>/latest is always the newest version):
+        # nothing to set. Other aliases follow MLflow's rules.
+        aliases = [a for a in aliases if a.lower() != "latest"]
         for a in aliases:
-            if not re.fullmatch(r"[\w\-]+", a) or a.lower() == "latest" or re.fullmatch(r"[vV]\d+", a):
-                raise ValueError(f"invalid model alias {a!r} (letters, digits, _ and -; not 'latest' or v<N>)")
+            if not re.fullmatch(r"[\w\-]+", a) or re.fullmatch(r"[vV]\d+", a):
+                raise ValueError(f"invalid model alias {a!r} (letters, digits, _ and -; not v<N>)")
         key = f"{self.run_key}-{uuid.uuid4().hex[:12]}"
         label = f"{aliases[0] if aliases else 'model'}-{key[-12:]}"
         link_tree(src, self._spool.files / key / "export")

@@ -147,7 +147,7 @@ def exercise(tracker: Tracker, export: Path, steps: int, name: str) -> str | Non
     for s in range(steps):
         tracker.log_metrics({"loss": 1.0 / (s + 1), "lr": 1e-3}, step=s)
     tracker.log_image(red(7), "samples/grid", step=7)
-    return tracker.register_model(export, name, LINEAGE, aliases=["best"])
+    return tracker.register_model(export, name, LINEAGE, aliases=["best", "latest"])  # latest: MLflow's own
 
 
 def check_run(client: MlflowClient, run_id: str, steps: int) -> None:
@@ -182,6 +182,7 @@ def test_sqlite_store_default_location(tmp_path: Path, monkeypatch: pytest.Monke
     check_run(client, tracker.run_id, steps=20)
     assert client.get_run(tracker.run_id).info.run_name == "sqlite-test"
     check_model(client, uri, "toy-sqlite", "best", module, tracker.run_id)
+    assert client.get_registered_model("toy-sqlite").aliases == {"best": 1}
     assert list((work / "mlartifacts").rglob("model.safetensors")), "artifacts live under <workdir>/mlartifacts"
     system = [k for k in client.get_run(tracker.run_id).data.metrics if k.startswith("system/")]
     try:
