@@ -620,7 +620,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["Tracker", "TrackingConfig", "TrackingUnavailable", "flatten_params", "git_commit",
+__all__ = ["Tracker", "TrackingConfig", "TrackingUnavailable", "flatten_params", "git_commit", "main",
            "replay_spool", "resolve_uri"]
 
 
