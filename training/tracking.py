@@ -478,34 +478,44 @@ class Tracker:
         raise ValueError(f"unknown payload {kind!r}")
 
     def _spool_loop(self) -> None:
-        with open(self._spool.path, "ab") as f:
-            while True:
-                items = [self._queue.get()]
-                with contextlib.suppress(queue.Empty):
-                    while len(items) < 1000:
-                        items.append(self._queue.get_nowait())
-                lines, stop = [], False
-                for item in items:
-                    if item is _STOP:
-                        stop = True
-                        continue
-                    try:
-                        event = self._materialize(*item)
-                    except Exception as e:  # a bad image/artifact must not stop the other events
-                        log.error("tracking: could not spool %s: %s", item[0].get("op"), e)
-                        self._replayer._reject(item[0], e)
-                        continue
-                    if event is not None:
-                        lines.append(json.dumps(event).encode() + b"\n")
+        fd = os.open(self._spool.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            self._spool_items(fd)
+        finally:
+            os.close(fd)
+
+    def _spool_items(self, fd: int) -> None:
+        while True:
+            items = [self._queue.get()]
+            with contextlib.suppress(queue.Empty):
+                while len(items) < 1000:
+                    items.append(self._queue.get_nowait())
+            lines, stop = [], False
+            for item in items:
+                if item is _STOP:
+                    stop = True
+                    continue
+                try:
+                    event = self._materialize(*item)
+                except Exception as e:  # a bad image/artifact must not stop the other events
+                    log.error("tracking: could not spool %s: %s", item[0].get("op"), e)
+                    self._replayer.reject(item[0], e)
+                    continue
+                if event is not None:
+                    lines.append(json.dumps(event).encode() + b"\n")
+            try:
                 with self._spool_lock:
-                    f.write(b"".join(lines))
-                    f.flush()
+                    _append_all(fd, b"".join(lines))
+            except OSError as e:  # e.g. a full disk: these events are lost, said and counted
                 with self._cond:
-                    self._n_written += len(items) - stop
-                    self._cond.notify_all()
-                self._wake.set()
-                if stop:
-                    return
+                    self._dropped += len(lines)
+                log.error("tracking: could not write %d events to %s: %s", len(lines), self._spool.path, e)
+            with self._cond:
+                self._n_written += len(items) - stop
+                self._cond.notify_all()
+            self._wake.set()
+            if stop:
+                return
 
     def _send_loop(self) -> None:
         try:
@@ -539,7 +549,10 @@ class Tracker:
             if n == 0:
                 if self._stop.is_set():
                     return
-                self._maybe_rotate()
+                try:
+                    self._maybe_rotate()
+                except OSError as e:
+                    log.warning("tracking: could not rotate %s: %s", self._spool.path, e)
                 self._wake.wait(1.0)
 
     def _set_online(self, ok: bool, err: BaseException | None = None) -> None:
@@ -576,6 +589,18 @@ class Tracker:
                 log.warning("tracking: could not replay %s now (%s); it is kept for later", path, e)
             finally:
                 spool.unlock()
+
+
+def _append_all(fd: int, data: bytes) -> None:
+    """Append ``data`` to an O_APPEND file whole, or not at all (a failed write is cut back off)."""
+    start = os.fstat(fd).st_size
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError:
+        os.ftruncate(fd, start)
+        raise
 
 
 def _now_ms() -> int:

@@ -236,7 +236,7 @@ class Replayer:
             if not is_permanent(e):
                 raise
             if len(events) == 1 and not (events[0].get("op") == "params" and len(events[0]["params"]) > 1):
-                self._reject(events[0], e)
+                self.reject(events[0], e)
                 return
             for event in events:  # isolate the refused event (or param) from the good ones
                 parts = ([{**event, "params": {k: v}} for k, v in event["params"].items()]
@@ -247,9 +247,9 @@ class Replayer:
                     except Exception as e2:
                         if not is_permanent(e2):
                             raise
-                        self._reject(part, e2)
+                        self.reject(part, e2)
 
-    def _reject(self, event: dict[str, Any], err: BaseException) -> None:
+    def reject(self, event: dict[str, Any], err: BaseException) -> None:
         self.rejected += 1
         if self.rejected & (self.rejected - 1) == 0:  # the 1st, 2nd, 4th, 8th, ...: said, not flooded
             log.warning("MLflow refused %d tracking event(s) for good, latest %s: %s; all are recorded in %s",

@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -272,6 +275,38 @@ def test_spool_from_an_unreachable_server_replays_once_into_another_store(
     assert all(before <= m.timestamp <= int(time.time() * 1000) for m in hist)  # the original timestamps
     assert len(client.search_model_versions("name = 'toy-offline'")) == 1
     check_model(client, store, "toy-offline", "best", module, run.info.run_id)
+
+
+CRASHING_JOB = """
+import os, signal, sys, time
+from pathlib import Path
+from training.tracking import Tracker, TrackingConfig
+work, uri = Path(sys.argv[1]), sys.argv[2]
+tracker = Tracker(TrackingConfig(uri=uri, system_metrics=False, experiment="crashed"), work, active=True)
+for s in range(50):
+    tracker.log_metrics({"loss": 1.0 / (s + 1)}, step=s)
+spool = tracker.spool_path
+while spool.read_bytes().count(b"\\n") < 51:  # the start event and 50 metric events are on disk
+    time.sleep(0.01)
+print(tracker.run_key, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # no close(): the training process dies
+"""
+
+
+def test_spool_of_a_sigkilled_training_process_is_replayed(tmp_path: Path) -> None:
+    down = f"http://127.0.0.1:{free_port()}"
+    proc = subprocess.run([sys.executable, "-c", CRASHING_JOB, str(tmp_path), down], capture_output=True,
+                          text=True, timeout=300, cwd=Path(__file__).parents[2])
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    run_key = proc.stdout.strip()
+
+    store = migrated_sqlite(tmp_path / "store.db")
+    assert replay_spool(tmp_path / SPOOL_DIR, store) == 51  # the dead process's lock is gone with it
+
+    client = client_for(store)
+    run = run_by_key(client, "crashed", run_key)
+    check_metric_history(client, run.info.run_id, 50)
+    assert run.info.status == "RUNNING"  # it never ended: MLflow shows it as it was left
 
 
 # ---- a real mlflow server --------------------------------------------------------------------
