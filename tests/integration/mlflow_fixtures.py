@@ -94,8 +94,11 @@ class MlflowServer:
         """Start the server and wait until ``/health`` answers (a wait limit, not a test assertion)."""
         if self.running:
             return
-        if _listening(self.port):
-            raise RuntimeError(f"port {self.port} is taken by another process")
+        deadline = time.monotonic() + 10.0
+        while _listening(self.port):  # our previous server may still be dying (killed from elsewhere)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"port {self.port} is taken by another process")
+            time.sleep(0.1)
         exe = Path(sys.executable).with_name("mlflow")
         cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mlflow"]
         cmd += ["server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",

@@ -27,7 +27,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 import training.families.toy  # noqa: F401  (registers "toy" without importing every family)
-from tests.integration.mlflow_fixtures import MlflowServer, free_port, migrated_sqlite
+from tests.integration.mlflow_fixtures import MlflowServer, free_port, kill_when, migrated_sqlite
 from training.export import save_export
 from training.families import family_from_config
 from training.tracking import (
@@ -341,11 +341,15 @@ def test_server_killed_mid_run_then_restarted(server: MlflowServer, tmp_path: Pa
     tracker.log_config(CONFIG)
     for s in range(10):
         tracker.log_metrics({"loss": 1.0 / (s + 1)}, step=s)
+    reached = threading.Event()
+    stopper = kill_when(server, reached.is_set)  # how a training test kills the server mid-run
     assert tracker.flush(timeout=120)  # reached the server while it was up
     spool = tracker.spool_path
     assert spool is not None
 
-    server.kill()
+    reached.set()
+    stopper.join(60)
+    assert not server.running
     size_before = spool.stat().st_size
     for s in range(10, 40):  # each call returns while the server is dead
         tracker.log_metrics({"loss": 1.0 / (s + 1)}, step=s)
@@ -378,7 +382,11 @@ def check_run_metrics_and_image(client: MlflowClient, run_id: str, steps: int) -
 
 
 def test_server_down_from_the_start(server: MlflowServer, tmp_path: Path) -> None:
-    server.kill()
+    server.start()
+    # Killed from another process, as a harness around a training subprocess would.
+    kill = [sys.executable, "-m", "tests.integration.mlflow_fixtures", "kill", str(server.pidfile)]
+    subprocess.run(kill, check=True, timeout=120, cwd=Path(__file__).parents[2])
+    assert wait_until(lambda: not server.running)
     export, module = make_export(tmp_path)
     cfg = TrackingConfig(uri=server.uri, experiment="late", system_metrics=False)
     first = Tracker(cfg, tmp_path, active=True)  # training starts although the server is down
