@@ -136,11 +136,18 @@ class Spool:
         if size == 0:
             return
         with open(self.path, "rb+") as f:
-            f.seek(max(0, size - 65536))
-            tail = f.read()
-            if tail.endswith(b"\n"):
+            f.seek(size - 1)
+            if f.read(1) == b"\n":
                 return
-            cut = size - len(tail) + tail.rfind(b"\n") + 1 if b"\n" in tail else 0
+            cut, pos = 0, size
+            while pos > 0:  # back to the end of the last complete line (lines can be long: params)
+                start = max(0, pos - 65536)
+                f.seek(start)
+                i = f.read(pos - start).rfind(b"\n")
+                if i >= 0:
+                    cut = start + i + 1
+                    break
+                pos = start
             log.warning("%s: dropping a partial last line (%d bytes) written by a crashed process",
                         self.path, size - cut)
             f.truncate(cut)
@@ -370,6 +377,7 @@ def drain(spool: Spool, uri: str) -> int:
     if state.get("run_id") and state.get("uri") not in (None, uri):
         raise ValueError(f"{spool.path}: its run was created in {state['uri']}, not {uri}; "
                          "replay it there (the run id only exists in that store)")
+    spool.repair()
     replayer = Replayer(spool, uri)
     done = 0
     while n := replayer.step():

@@ -299,6 +299,8 @@ def test_spool_of_a_sigkilled_training_process_is_replayed(tmp_path: Path) -> No
                           text=True, timeout=300, cwd=Path(__file__).parents[2])
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     run_key = proc.stdout.strip()
+    with open(tmp_path / SPOOL_DIR / f"{run_key}.jsonl", "ab") as f:
+        f.write(b'{"op": "metrics", "metr')  # as if the kill had torn a write: cut off on replay
 
     store = migrated_sqlite(tmp_path / "store.db")
     assert replay_spool(tmp_path / SPOOL_DIR, store) == 51  # the dead process's lock is gone with it
