@@ -11,6 +11,9 @@ Ho & Salimans 2022) and applies the DDPM objective
 Sample grids: latents from the configured sampler for the eval batch's captions; decoded
 to pixels by ``vae`` (a KL-VAE export folder or a diffusers ``AutoencoderKL`` folder) when
 set, otherwise shown as false-colour latents (first 3 channels) next to the data latents.
+
+Training randomness comes from ``noise_generator(step)``, a pure function of (seed, step, rank,
+micro-batch), so a run resumed from a checkpoint reproduces the uninterrupted run exactly.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 from torch import nn
 
@@ -50,6 +54,7 @@ class LatentPriorConfig:
     vae: str = ""  # KL-VAE export / diffusers AutoencoderKL folder decoding sample grids ("": latents)
     grid_samples: int = 8  # samples per logged grid
     sample_seed: int = 0  # seed of the logged grids (the same draws every time)
+    noise_seed: int = 0  # training draws of (step, rank, micro-batch) come from a generator seeded by these
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.cond_drop <= 1.0:
@@ -124,6 +129,20 @@ class LatentPriorFamily(Family, abc.ABC):
     def __init__(self, cfg: LatentPriorConfig) -> None:
         super().__init__(cfg)
         self._vae: nn.Module | None = None
+        self._micro = (-1, 0)  # (step, loss calls at that step): micro-batches of one step differ
+
+    def noise_generator(self, step: int, device: torch.device) -> torch.Generator:
+        """The generator of one training micro-batch: a pure function of (noise_seed, step, rank, micro-batch).
+
+        Posterior samples, times, noise and caption drops never touch the global RNG, so a resumed
+        run redraws exactly what the uninterrupted run drew, whatever else consumed random numbers.
+        """
+        last, calls = self._micro
+        micro = calls if last == step else 0
+        self._micro = (step, micro + 1)
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        seed = (((self.cfg.noise_seed * 1_000_003 + step) * 65_537 + rank) * 257 + micro) % (2**63)
+        return torch.Generator(device=device).manual_seed(seed)
 
     @abc.abstractmethod
     def objective_loss(
@@ -174,7 +193,8 @@ class LatentPriorFamily(Family, abc.ABC):
             raise KeyError(f"{self.name} has no part {part!r}")
         model = modules["model"]
         device = next(unwrap(model).parameters()).device
-        loss, logs = self.objective_loss(model, self._inputs(batch, device, None, drop=True), None)
+        g = self.noise_generator(step, device)
+        loss, logs = self.objective_loss(model, self._inputs(batch, device, g, drop=True), g)
         logs.pop("loss", None)  # the engine logs the loss itself
         return loss, logs
 
