@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ from training.ar_sampling import (
 )
 from training.export import load_export, save_export
 from training.families import family_from_config, model_config_dict
-from training.families.ar import ARFamily, ARFamilyConfig
+from training.families.ar import ARFamily, ARFamilyConfig, fit_text
 from training.models.ar import PRESETS, ARConfig, ARPrior, build_ar
 from training.objectives.autoregressive import AutoregressiveObjective, keyed_uniform
 
@@ -264,13 +265,17 @@ def test_bad_inputs_fail_with_clear_errors() -> None:
         sample_tokens(model)
 
 
-def test_decode_through_a_diffusers_vqmodel() -> None:
+def tiny_vq() -> Any:
     from diffusers import VQModel
 
     torch.manual_seed(0)
-    vq = VQModel(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                 up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, num_vq_embeddings=K,
-                 norm_num_groups=4, vq_embed_dim=4, sample_size=8).eval()
+    return VQModel(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                   up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, num_vq_embeddings=K,
+                   norm_num_groups=4, vq_embed_dim=4, sample_size=8).eval()
+
+
+def test_decode_through_a_diffusers_vqmodel(tmp_path: Path) -> None:
+    vq = tiny_vq()
     with torch.no_grad():
         h = vq.encode(torch.rand(2, 3, 8, 8) * 2 - 1).latents  # [2, 4, 4, 4]
         ref = vq.decode(h).sample  # quantizes to the nearest codes, then decodes
@@ -278,6 +283,32 @@ def test_decode_through_a_diffusers_vqmodel() -> None:
     tokens = idx.reshape(2, 16)  # raster order of the 4x4 grid
     out = decode_tokens(tokens, (4, 4), vqmodel_decoder(vq))
     torch.testing.assert_close(out, ref)
+    # The family decodes its samples through a VQGAN folder named in model.vqgan.
+    vq.save_pretrained(tmp_path / "vq")
+    fam = family_from_config({"kind": "ar", "vqgan": str(tmp_path / "vq"),
+                              "net": {"codebook_size": K, "grid": [4, 4], "text_dim": D, "text_len": L,
+                                      "width": 32, "depth": 1, "heads": 2}})
+    assert isinstance(fam, ARFamily)
+    module = fam.build()["model"]
+    # A text encoder's own length (5 > text_len 3) is truncated like the training loader does.
+    tokens, images = fam.generate(module, torch.randn(2, 5, D), torch.ones(2, 5, dtype=torch.int64),
+                                  torch.Generator().manual_seed(0))
+    assert tokens.shape == (2, 16) and images.shape == (2, 3, 8, 8)
+    torch.testing.assert_close(images, decode_tokens(tokens, (4, 4), vqmodel_decoder(vq)))
+    bad = family_from_config({"kind": "ar", "vqgan": str(tmp_path / "vq"), "net": {"codebook_size": K + 1}})
+    assert isinstance(bad, ARFamily)
+    with pytest.raises(ValueError, match="has 8 codes"):
+        bad.decoder()
+
+
+def test_fit_text_pads_and_truncates_like_the_loader() -> None:
+    text, mask = torch.randn(2, 2, D), torch.tensor([[1, 1], [1, 0]])
+    t, m = fit_text(text, mask, 4)
+    assert t.shape == (2, 4, D) and m.dtype == torch.bool
+    assert torch.equal(m, torch.tensor([[True, True, False, False], [True, False, False, False]]))
+    assert torch.equal(t[:, :2], text) and not t[:, 2:].any()
+    t, m = fit_text(torch.randn(2, 6, D), None, 4)
+    assert t.shape == (2, 4, D) and m.all()
 
 
 def test_family_config_presets_and_export(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,6 +50,28 @@ def _unwrap(module: nn.Module) -> ARPrior:
     return inner
 
 
+def load_vqgan(path: str) -> Any:
+    """A VQGAN for decoding: an export folder (``export.json``) or a local diffusers ``VQModel`` folder."""
+    if (Path(path) / "export.json").is_file():
+        from training.export import load_export
+
+        return load_export(path)[1]
+    from training.models.autoencoders import load_pretrained
+
+    return load_pretrained(path, "vq")
+
+
+def fit_text(text: torch.Tensor, text_mask: torch.Tensor | None, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text [B, L, D] and mask [B, L] zero-padded or truncated to ``length`` (as training/data.py does)."""
+    mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device) if text_mask is None else text_mask.bool()
+    n = text.shape[1]
+    if n >= length:
+        return text[:, :length], mask[:, :length]
+    pad = length - n
+    return (torch.cat([text, text.new_zeros(text.shape[0], pad, text.shape[2])], dim=1),  # [B, length, D]
+            torch.cat([mask, mask.new_zeros(mask.shape[0], pad)], dim=1))  # [B, length]
+
+
 def image_grid(images: torch.Tensor) -> Image.Image:
     """Images [B, 3, H, W] in [-1, 1] -> one row, as a PIL image."""
     imgs = images.detach().float().cpu().clamp(-1, 1)
@@ -78,7 +101,7 @@ class ARFamily(Family):
     def __init__(self, cfg: ARFamilyConfig) -> None:
         super().__init__(cfg)
         self.objective = AutoregressiveObjective(cfg.net.codebook_size, cfg.cond_drop)
-        self._decoder: TokenDecoder | None = None
+        self._vq: Any = None
 
     def build(self) -> dict[str, nn.Module]:
         return {"model": build_ar(self.cfg.net)}
@@ -106,20 +129,19 @@ class ARFamily(Family):
         # Caption dropout keyed on (sample key, step): exact on resume and at any world size.
         return self.objective.loss(model, self._batch(batch, device), step=step)
 
-    def decoder(self) -> TokenDecoder | None:
-        """The VQGAN decoder of ``cfg.vqgan`` (loaded once), or None when no VQGAN is configured."""
+    def decoder(self, device: torch.device | None = None) -> TokenDecoder | None:
+        """The VQGAN decoder of ``cfg.vqgan`` (loaded once, moved to ``device``), or None without one."""
         if not self.cfg.vqgan:
             return None
-        if self._decoder is None:
-            from training.export import load_export
-
-            _, vq = load_export(self.cfg.vqgan)
-            codes = getattr(getattr(vq, "config", None), "num_vq_embeddings", None)
+        if self._vq is None:
+            self._vq = load_vqgan(self.cfg.vqgan).eval()
+            codes = getattr(self._vq.config, "num_vq_embeddings", None)
             if codes != self.cfg.net.codebook_size:
                 raise ValueError(f"model.vqgan {self.cfg.vqgan} has {codes} codes, "
                                  f"model.net.codebook_size is {self.cfg.net.codebook_size}")
-            self._decoder = vqmodel_decoder(vq)
-        return self._decoder
+        if device is not None:
+            self._vq.to(device)
+        return vqmodel_decoder(self._vq)
 
     @torch.no_grad()
     def generate(
@@ -133,15 +155,16 @@ class ARFamily(Family):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample code ids [B, h*w] and images [B, 3, H, W] in [-1, 1] (false-colour maps without a VQGAN).
 
-        ``text`` [B, L, D] / ``text_mask`` [B, L] as in a latent batch; None for unconditional samples.
+        ``text`` [B, L, D] / ``text_mask`` [B, L] from a latent batch or a text encoder (padded or
+        truncated to ``net.text_len`` like the training loader does); None for unconditional samples.
         """
         net = _unwrap(module)
         device = next(net.parameters()).device
         if text is not None:
-            text = text.to(device)
-            text_mask = text_mask.to(device) if text_mask is not None else None
+            text, text_mask = fit_text(text.to(device), None if text_mask is None else text_mask.to(device),
+                                       self.cfg.net.text_len)
         tokens = sample_tokens(net, text, text_mask, sample or self.cfg.sample, generator, batch_size)
-        dec = self.decoder()
+        dec = self.decoder(device)
         images = decode_tokens(tokens, self.cfg.net.grid, dec) if dec is not None else code_map(tokens, self.cfg.net.grid)
         return tokens, images
 
@@ -154,4 +177,4 @@ class ARFamily(Family):
         return {"samples": image_grid(images)}
 
 
-__all__ = ["ARFamily", "ARFamilyConfig", "code_map", "image_grid"]
+__all__ = ["ARFamily", "ARFamilyConfig", "code_map", "fit_text", "image_grid", "load_vqgan"]

@@ -125,7 +125,7 @@ class ARPrior(nn.Module):
         if text_mask is None:
             text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
         proj = self.text_proj(text.to(self.text_proj.weight.dtype))  # [B, L, W]
-        return torch.where(text_mask.unsqueeze(-1), proj, null)
+        return torch.where(text_mask.bool().unsqueeze(-1), proj, null)
 
     def forward(
         self,
