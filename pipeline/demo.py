@@ -62,7 +62,7 @@ class DemoConfig:
 SCALES: dict[str, dict[str, int]] = {
     # tiny: the whole pipeline within ~15 minutes on a 2-core CPU.
     "tiny": {"samples": 2000, "samples_per_shard": 250, "ae_steps": 300, "prior_steps": 300,
-             "batch_size": 32, "scorer_steps": 600, "eval_n": 100},
+             "batch_size": 32, "scorer_steps": 600, "eval_n": 64},
     # small: long enough for the evaluation's quality goals (hours on a CPU, minutes on a GPU).
     "small": {"samples": 20000, "samples_per_shard": 1000, "ae_steps": 4000, "prior_steps": 6000,
               "batch_size": 64, "scorer_steps": 2000, "eval_n": 500},
@@ -187,7 +187,7 @@ class Demo:
             if not self.skip(f"sample-{kind}", out):
                 prompts = [a for p in PROMPTS for a in ("--prompt", p)]
                 self.latentpipe(f"sample-{kind}", "sample", "--model", f"models:/latentpipe-demo-{kind}@final",
-                                *prompts, "--n", "6", "--out", str(out))
+                                *prompts, "--n", "4", "--out", str(out))
             self.made[f"{kind} samples"] = str(out)
 
     def summary(self) -> dict[str, Any]:
