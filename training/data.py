@@ -358,7 +358,10 @@ class ShardStream:
         nw = self.cfg.num_workers
         loader = torch.utils.data.DataLoader(
             steps, batch_size=None, sampler=_Forever(), num_workers=nw,
-            prefetch_factor=2 if nw else None, pin_memory=torch.cuda.is_available())
+            prefetch_factor=2 if nw else None, pin_memory=torch.cuda.is_available(),
+            # Its own generator: creating the iterator must not draw from the global torch RNG,
+            # or a resumed run's global randomness would be shifted against an uninterrupted one.
+            generator=torch.Generator().manual_seed(self.cfg.seed))
         it = iter(loader)
         try:
             for batch in it:
