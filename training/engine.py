@@ -306,9 +306,15 @@ class Trainer:
                 for k, v in extra.items():
                     extra_sums[k] = extra_sums.get(k, 0.0) + float(v) / len(batches)
                 engine.backward(loss)
-                if bad and i == len(batches) - 1 and not uses_fp32_partitions(engine):
-                    engine.optimizer.zero_grad(set_to_none=True)  # torch's AdamW skips grad-less params
                 skipped_before = engine.skipped_steps
+                if bad and i == len(batches) - 1 and not uses_fp32_partitions(engine):
+                    # Plain torch optimizer (ZeRO-0, fp32): no overflow check in DeepSpeed, so drop
+                    # the gradients and skip its step the way DeepSpeed skips an overflowed one
+                    # (the micro-step counter advances; no optimizer or LR-scheduler step).
+                    engine.optimizer.zero_grad(set_to_none=True)
+                    engine.micro_steps += 1
+                    engine.skipped_steps += 1
+                    continue
                 engine.step()
                 if bad and i == len(batches) - 1 and uses_fp32_partitions(engine) \
                         and engine.skipped_steps == skipped_before:

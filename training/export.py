@@ -83,7 +83,7 @@ def consolidated_state_dict(engine: Any, ema: ShardedEMA | None = None) -> dict[
 
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     module: nn.Module = engine.module
-    ema_full = ema.full_state() if ema is not None and ema.started else {}
+    ema_full = ema.full_state(device=engine.device) if ema is not None and ema.started else {}  # NCCL: on GPU
     values: dict[int, torch.Tensor] = {}
     for name, p in module.named_parameters():
         if p.requires_grad and ema is not None and ema.started:

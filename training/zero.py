@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import logging
 import os
 import socket
@@ -54,7 +55,9 @@ def setup_distributed(backend: str = "auto") -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend=chosen, auto_mpi_discovery=False, verbose=False)
+    # A long collective timeout: rank 0 alone converts a checkpoint to universal form on a rescale.
+    deepspeed.init_distributed(dist_backend=chosen, auto_mpi_discovery=False, verbose=False,
+                               timeout=datetime.timedelta(minutes=60))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, dist.get_backend())
 
@@ -87,8 +90,9 @@ def ds_config(cfg: TrainConfig, part: str, world_size: int, universal: bool = Fa
         "optimizer": {"type": "AdamW", "params": {
             "lr": opt.part_lr.get(part, opt.lr), "betas": list(opt.betas), "eps": opt.eps,
             "weight_decay": opt.weight_decay,
-            # torch's AdamW off GPUs (DeepSpeed's fused/CPU Adam need a compiled op there)
-            **({} if on_gpu or ds.offload_optimizer else {"torch_adam": True})}},
+            # torch's (foreach) AdamW: DeepSpeed's fused Adam JIT-compiles a CUDA op (nvcc) at start-up;
+            # with optimizer offload DeepSpeed's CPU Adam is needed (it compiles a C++ op once).
+            **({} if ds.offload_optimizer else {"torch_adam": True})}},
         "scheduler": {"type": "WarmupCosineLR", "params": {
             "total_num_steps": max(cfg.steps, warmup + 1), "warmup_num_steps": warmup,
             "warmup_type": "linear", "warmup_min_ratio": 0.0 if opt.warmup_steps else 1.0,

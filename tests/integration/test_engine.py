@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
 STEPS, EMA_START, DECAY, NAN_STEP = 16, 3, 0.8, 6
 BASE = [
     "model.kind=toy_gan", f"model.nan_loss_steps=[{NAN_STEP}]", "data.batch_size=8", "data.num_workers=1",
-    "optim.lr=0.003", "optim.warmup_steps=2", f"steps={STEPS}", f"ema.decay={DECAY}",
+    "optim.lr=0.005", "optim.warmup_steps=2", f"steps={STEPS}", f"ema.decay={DECAY}",
     f"ema.start_step={EMA_START}", "checkpoint.every_steps=1", "log_keys=true", "tracking.system_metrics=false",
     "eval_every=4", "sample_every=8", "deepspeed.zero_stage=2",
 ]
@@ -226,7 +226,7 @@ def test_kill_resume_sigterm_rescale_ema_export(tmp_path: Path) -> None:
     net = family.build_primary()
     net.load_state_dict(ema)
     x = torch.rand(4, 3, 32, 32) * 2 - 1
-    torch.testing.assert_close(module(x), net.eval()(x), rtol=0, atol=0)
+    torch.testing.assert_close(module(x), net.eval()(x), rtol=1e-5, atol=1e-6)
 
     # The chain's final EMA (2 ranks, then 1 rank via universal checkpoint) matches the reference.
     chain_export = load_file(str(chain / "export" / "model.safetensors"))

@@ -19,7 +19,7 @@ from training.launch import LaunchOptions, launch
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS, EMA_START, DECAY = 12, 4, 0.7
+STEPS, EMA_START, DECAY = 16, 4, 0.7
 
 
 def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -35,9 +35,9 @@ def test_ray_zero3_loss_falls_and_sharded_ema(tmp_path: Path, ray_local: None) -
     workdir = tmp_path / "run"
     cfg = load_config(TrainConfig, ROOT / "configs/train_toy.yaml", [
         f"data.shards={shards}", f"workdir={workdir}", "data.batch_size=8", "deepspeed.zero_stage=3",
-        f"steps={STEPS}", "optim.lr=0.003", "optim.warmup_steps=2", f"ema.decay={DECAY}", f"ema.start_step={EMA_START}",
+        f"steps={STEPS}", "optim.lr=0.005", "optim.warmup_steps=2", f"ema.decay={DECAY}", f"ema.start_step={EMA_START}",
         "checkpoint.every_steps=1", "checkpoint.keep_last=100", "tracking.system_metrics=false",
-        "eval_every=0", "sample_every=6"])
+        "eval_every=4", "sample_every=8"])
     assert launch(cfg, LaunchOptions(launcher="ray", nproc=2)) == 0
 
     final = latest_complete(workdir / "checkpoints")
@@ -47,7 +47,10 @@ def test_ray_zero3_loss_falls_and_sharded_ema(tmp_path: Path, ray_local: None) -
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     run = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
     loss = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "loss/model"), key=lambda m: m.step)]
-    assert len(loss) == STEPS and sum(loss[-3:]) < 0.5 * sum(loss[:3]), loss
+    assert len(loss) == STEPS and sum(loss[-4:]) < 0.5 * sum(loss[:4]), loss
+    held = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "eval/model/loss"),
+                                    key=lambda m: m.step)]
+    assert len(held) == STEPS // 4 and held[-1] < 0.5 * held[0], held  # on one fixed batch
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images/samples")]
     assert len(images) == 2, images
 
@@ -62,4 +65,4 @@ def test_ray_zero3_loss_falls_and_sharded_ema(tmp_path: Path, ray_local: None) -
     net = family.build_primary()
     net.load_state_dict(ema)
     x = torch.rand(4, 3, 32, 32) * 2 - 1
-    torch.testing.assert_close(module(x), net.eval()(x), rtol=0, atol=0)
+    torch.testing.assert_close(module(x), net.eval()(x), rtol=1e-5, atol=1e-6)
