@@ -52,8 +52,8 @@ def test_two_rank_training_resumes_to_the_same_weights(tmp_path: Path, config: s
 
     a, b = load_file(full / "export" / "model.safetensors"), load_file(resumed / "export" / "model.safetensors")
     assert a.keys() == b.keys() and "null_text" in a
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+    for k in a:  # a resume that redraws different noise or data is off by ~lr (3e-4) per step
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
 
     family, module = load_export(resumed / "export")
     assert isinstance(family, LatentPriorFamily) and family.name == config.split("_")[1]
