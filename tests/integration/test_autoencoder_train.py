@@ -3,7 +3,7 @@ generator and discriminator engines, checkpoint + --resume, export, MLflow regis
 identical reconstructions from the export, the registered MLflow model and a diffusers folder.
 
     VQGAN  2 ranks, steps 0-3 (disc from step 1, k-means init, a dead-code restart), checkpoint;
-           --resume to step 6; export -> register -> load three ways.
+           --resume to step 6; export + registration by the trainer -> load three ways.
     KL-VAE 1 rank with the optional adversary, 3 steps; export -> diffusers folder -> same images.
 """
 
@@ -76,7 +76,7 @@ def test_vqgan_two_ranks_two_optimizers_resume_export_register_load(tmp_path: Pa
     shards = make_image_shards(tmp_path / "data", n=2, per_shard=16)
     work = tmp_path / "vq"
     common = ["model.loss.disc_start=1", "model.codebook.restart_every=2", "checkpoint.every_steps=2",
-              "eval_every=2", "sample_every=4", "optim.lr=1e-4", "tracking.register_as=null"]
+              "eval_every=2", "sample_every=4", "optim.lr=1e-4", "tracking.register_as=ae-vq-test"]
     _train("ae_vq_demo.yaml", work, shards, "steps=4", *common, nproc=2)
     first = latest_complete(work / "checkpoints")
     assert first is not None and first.step == 4 and sorted(first.state["parts"]) == ["disc", "model"]
@@ -101,21 +101,16 @@ def test_vqgan_two_ranks_two_optimizers_resume_export_register_load(tmp_path: Pa
     x = _held()
     ref = reconstruct(module, x)
 
-    # register through the tracker (a real sqlite MLflow store), load back as a pyfunc model
+    # each run's export was registered by the trainer (training/tracking.py): version 2 holds alias "final"
     import mlflow
+    from mlflow.tracking import MlflowClient
 
-    from training.tracking import Tracker, TrackingConfig
-
-    uri = f"sqlite:///{tmp_path / 'registry.db'}"
-    tracker = Tracker(TrackingConfig(uri=uri, experiment="ae-test", system_metrics=False), tmp_path / "reg",
-                      active=True)
-    version = tracker.register_model(export, "ae-vq-test", {"family": "vqgan"}, aliases=["best"])
-    tracker.close()
-    assert version == "models:/ae-vq-test/1"
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    assert MlflowClient(uri).get_model_version_by_alias("ae-vq-test", "final").version == "2"
     before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)  # (also sets $MLFLOW_TRACKING_URI: restored below)
     try:
-        loaded = mlflow.pyfunc.load_model("models:/ae-vq-test@best").unwrap_python_model()
+        loaded = mlflow.pyfunc.load_model("models:/ae-vq-test@final").unwrap_python_model()
     finally:
         mlflow.set_tracking_uri(before)  # type: ignore[arg-type]  # None unsets it
     assert torch.equal(reconstruct(loaded.module, x), ref)

@@ -52,6 +52,7 @@ def test_demo_presets_have_factor_4_and_the_brief_sizes() -> None:
 @pytest.mark.parametrize("preset", ["kl_f8_256", "vq_f8_256"])
 def test_256_presets_have_factor_8(preset: str) -> None:
     kind, spec = diffusers_config(AutoencoderArchConfig(preset=preset))
+    assert kind == ("kl" if preset.startswith("kl") else "vq")
     assert spec["sample_size"] == 256 and 2 ** (len(spec["block_out_channels"]) - 1) == 8
     with torch.device("meta"):  # shapes only: no memory for ~80 M parameters
         model = build_autoencoder(AutoencoderArchConfig(preset=preset), kind)
@@ -67,6 +68,16 @@ def test_arch_config_errors_are_clear() -> None:
         diffusers_config(AutoencoderArchConfig(preset="kl_demo", block_out_channels=[12, 16, 16]))
     with pytest.raises(ValueError, match="needs 'vq'"):
         build_autoencoder(AutoencoderArchConfig(preset="kl_demo"), "vq")
+    with pytest.raises(ValueError, match="KL presets only"):
+        diffusers_config(AutoencoderArchConfig(preset="vq_demo", logvar_init=-6.0))
+    assert diffusers_config(AutoencoderArchConfig(), "vq")[1]["num_vq_embeddings"] == 512  # family default
+
+
+def test_logvar_init_starts_the_posterior_narrow() -> None:
+    model = build_autoencoder(AutoencoderArchConfig(logvar_init=-6.0, **TINY), "kl")
+    post = model.encode(_images()).latent_dist
+    assert torch.allclose(post.logvar, torch.full_like(post.logvar, -6.0))
+    assert float(post.mean.abs().max()) > 0  # the mean half is untouched
     assert set(PRESETS) == {"kl_demo", "vq_demo", "kl_f8_256", "vq_f8_256"}
 
 

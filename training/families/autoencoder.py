@@ -81,7 +81,7 @@ class KLVAEConfig:
 class VQGANConfig:
     """``model:`` section of ``kind: vqgan``."""
 
-    arch: AutoencoderArchConfig = field(default_factory=lambda: AutoencoderArchConfig(preset="vq_demo"))
+    arch: AutoencoderArchConfig = field(default_factory=AutoencoderArchConfig)
     loss: AutoencoderLossConfig = field(default_factory=lambda: AutoencoderLossConfig(disc_weight=0.1))
     disc: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     codebook: CodebookConfig = field(default_factory=CodebookConfig)

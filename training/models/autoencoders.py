@@ -61,14 +61,16 @@ def _blocks(n: int) -> dict[str, Any]:
 
 
 def kl_demo() -> dict[str, Any]:
-    """32 px demo KL-VAE, factor 4: [B,3,32,32] -> latents [B,4,8,8] (~1 M parameters)."""
-    return {"kind": "kl", **_blocks(3), "block_out_channels": [32, 64, 64], "layers_per_block": 1,
+    """32 px demo KL-VAE, factor 4: [B,3,32,32] -> latents [B,4,8,8] (~0.6 M parameters).
+
+    Narrow at full resolution, where the decoder spends its compute (CPU demo budget)."""
+    return {"kind": "kl", **_blocks(3), "block_out_channels": [32, 32, 64], "layers_per_block": 1,
             "latent_channels": 4, "norm_num_groups": 16, "sample_size": 32}
 
 
 def vq_demo() -> dict[str, Any]:
     """32 px demo VQGAN, factor 4: [B,3,32,32] -> 8x8 = 64 tokens from 512 codes of dim 4."""
-    return {"kind": "vq", **_blocks(3), "block_out_channels": [32, 64, 64], "layers_per_block": 1,
+    return {"kind": "vq", **_blocks(3), "block_out_channels": [32, 32, 64], "layers_per_block": 1,
             "latent_channels": 4, "vq_embed_dim": 4, "num_vq_embeddings": 512, "norm_num_groups": 16,
             "sample_size": 32}
 
@@ -98,7 +100,7 @@ PRESETS: dict[str, Callable[[], dict[str, Any]]] = {
 class AutoencoderArchConfig:
     """Which autoencoder to build: a preset (optionally overridden) or a local diffusers folder."""
 
-    preset: str = "kl_demo"
+    preset: str | None = None  # None: the family's demo preset (kl_demo / vq_demo)
     pretrained: str | None = None  # local diffusers folder; replaces the preset when set
     block_out_channels: list[int] | None = None
     layers_per_block: int | None = None
@@ -108,9 +110,10 @@ class AutoencoderArchConfig:
     vq_embed_dim: int | None = None  # VQ only
     mid_block_add_attention: bool | None = None
     scaling_factor: float | None = None  # None: diffusers' default until measured
+    logvar_init: float | None = None  # KL only: start the posterior log-variance here (see init_logvar)
 
     def __post_init__(self) -> None:
-        if self.pretrained is None and self.preset not in PRESETS:
+        if self.pretrained is None and self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"unknown autoencoder preset {self.preset!r} (known: {', '.join(PRESETS)})")
 
 
@@ -121,21 +124,33 @@ def preset_kind(preset: str) -> Kind:
     return kind  # type: ignore[no-any-return]
 
 
-def diffusers_config(cfg: AutoencoderArchConfig) -> tuple[Kind, dict[str, Any]]:
-    """The preset's diffusers constructor kwargs with the non-None overrides of ``cfg`` applied."""
-    spec = PRESETS[cfg.preset]()
-    kind: Kind = spec.pop("kind")
+DEFAULT_PRESET: dict[str, str] = {"kl": "kl_demo", "vq": "vq_demo"}
+_NOT_DIFFUSERS = ("preset", "pretrained", "logvar_init")
+
+
+def diffusers_config(cfg: AutoencoderArchConfig, kind: Kind | None = None) -> tuple[Kind, dict[str, Any]]:
+    """The preset's diffusers constructor kwargs with the non-None overrides of ``cfg`` applied.
+
+    ``cfg.preset`` None means ``DEFAULT_PRESET[kind]``.
+    """
+    if cfg.preset is None and kind is None:
+        raise ValueError("arch.preset is not set and no autoencoder kind is given")
+    preset = cfg.preset or DEFAULT_PRESET[kind or "kl"]
+    spec = PRESETS[preset]()
+    kind_: Kind = spec.pop("kind")
     overrides = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-                 if f.name not in ("preset", "pretrained") and getattr(cfg, f.name) is not None}
-    if kind == "kl":
+                 if f.name not in _NOT_DIFFUSERS and getattr(cfg, f.name) is not None}
+    if kind_ == "kl":
         bad = sorted(set(overrides) & {"num_vq_embeddings", "vq_embed_dim"})
         if bad:
-            raise ValueError(f"{bad[0]} applies to VQ presets only, not {cfg.preset!r}")
+            raise ValueError(f"{bad[0]} applies to VQ presets only, not {preset!r}")
+    elif cfg.logvar_init is not None:
+        raise ValueError(f"logvar_init applies to KL presets only, not {preset!r}")
     spec.update(overrides)
     groups = spec["norm_num_groups"]
     if any(c % groups for c in spec["block_out_channels"]):
         raise ValueError(f"block_out_channels {spec['block_out_channels']} must be multiples of norm_num_groups={groups}")
-    return kind, spec
+    return kind_, spec
 
 
 def _pretrained_dir(path: Path, kind: Kind) -> tuple[Path, str | None]:
@@ -171,11 +186,34 @@ def build_autoencoder(cfg: AutoencoderArchConfig, kind: Kind) -> Autoencoder:
         if cfg.scaling_factor is not None:
             model.register_to_config(scaling_factor=cfg.scaling_factor)
         return model
-    preset_kind_, spec = diffusers_config(cfg)
+    preset_kind_, spec = diffusers_config(cfg, kind)
     if preset_kind_ != kind:
         raise ValueError(f"preset {cfg.preset!r} builds a {preset_kind_!r} autoencoder, this family needs {kind!r}")
     spec = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
-    return TrainableAutoencoderKL(**spec) if kind == "kl" else TrainableVQModel(**spec)
+    if kind == "vq":
+        return TrainableVQModel(**spec)
+    model = TrainableAutoencoderKL(**spec)
+    if cfg.logvar_init is not None:
+        init_logvar(model, cfg.logvar_init)
+    return model
+
+
+def init_logvar(model: Autoencoder, value: float) -> None:
+    """Make a fresh KL-VAE's posterior start with log-variance ``value`` everywhere.
+
+    The log-variance half of ``quant_conv`` (1x1, 2C -> 2C) gets zero weights and bias ``value``;
+    it still learns from there. With diffusers' init the posterior starts near N(mean, 1), so the
+    decoder trains on latents drowned in sampling noise until the encoder has grown the means or
+    shrunk the variance: a short (demo) budget is spent on that. A documented init choice, not a
+    change of the objective (the KL term is unchanged).
+    """
+    conv = model.quant_conv
+    if conv is None:
+        raise ValueError("init_logvar needs an AutoencoderKL with quant_conv")
+    c = model.config.latent_channels
+    with torch.no_grad():
+        conv.weight[c:].zero_()
+        conv.bias[c:].fill_(value)
 
 
 def is_kl(model: Any) -> bool:
@@ -282,6 +320,7 @@ def set_scaling_factor(model: Autoencoder, value: float) -> None:
 
 
 __all__ = [
+    "DEFAULT_PRESET",
     "PRESETS",
     "Autoencoder",
     "AutoencoderArchConfig",
@@ -293,6 +332,7 @@ __all__ = [
     "compute_scaling_factor",
     "diffusers_config",
     "downsampling_factor",
+    "init_logvar",
     "is_kl",
     "latent_sample",
     "load_pretrained",
