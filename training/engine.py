@@ -102,6 +102,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, dist_info: DistInfo | None = None) -> None:
         self.cfg = cfg
+        t0 = time.perf_counter()
         self.stop = _StopFlag()
         self.stop.install()  # a preemption during the (slow) start-up is honoured after the first step
         self.di = dist_info or setup_distributed(cfg.deepspeed.backend)
@@ -122,7 +123,11 @@ class Trainer:
         self.engines = build_engines(modules, cfg, self.di.world_size, universal=self.universal)
         self.modules = {k: e for k, e in self.engines.items()}
         self.ema = ShardedEMA(self.engines["model"], cfg.ema.decay, cfg.ema.every) if cfg.ema.enabled else None
+        t_engines = time.perf_counter()
         self.tracker = Tracker(cfg.tracking, self.workdir, active=self.di.rank == 0, resume=cfg.resume)
+        log.info("rank %d/%d: %s, %d part(s), ZeRO-%d %s, ready in %.1fs (tracker %.1fs)", self.di.rank,
+                 self.di.world_size, self.family.name, len(self.engines), cfg.deepspeed.zero_stage,
+                 cfg.deepspeed.precision, time.perf_counter() - t0, time.perf_counter() - t_engines)
         self.step = 0
         self.nonfinite = 0
         self._flops: float | None = None
@@ -165,6 +170,7 @@ class Trainer:
                         self.di.rank, state["world_size"])
         self.step = info.step
         self.nonfinite = int(state.get("nonfinite_steps", 0))
+        self._flops = state.get("flops_per_sample")
         log.info("resumed from %s (step %d, saved at %d ranks%s)", info.path, info.step, state["world_size"],
                  ", universal" if self.universal else "")
 
@@ -209,7 +215,7 @@ class Trainer:
             "partitioned": any(uses_fp32_partitions(e) for e in self.engines.values()),
             "data": self.stream.state_dict(self.step * self.cfg.deepspeed.grad_accum),
             "nonfinite_steps": self.nonfinite, "ema": self.ema.state() if self.ema else None,
-            "family": self.family.name, "config_hash": config_hash(self.cfg),
+            "family": self.family.name, "config_hash": config_hash(self.cfg), "flops_per_sample": self._flops,
         }
 
         def write(tmp: Path) -> None:
@@ -381,7 +387,10 @@ class Trainer:
                         break
                     raise
                 t_data = time.perf_counter() - t0
-                if self._flops is None and di.rank == 0:
+                # FLOPs are counted once per run, on rank 0's first step (FlopCounterMode changes the
+                # float rounding of what it counts, so a resumed run reuses the checkpoint's count
+                # and stays bit-identical to an uninterrupted one).
+                if self._flops is None and di.rank == 0 and self.step == 0:
                     holder: dict[str, Any] = {}
 
                     def first(h: dict[str, Any] = holder, b: list[dict[str, Any]] = batches) -> None:
