@@ -381,10 +381,10 @@ class Trainer:
                 t0 = time.perf_counter()
                 try:
                     batches = self._next_batches(it)
-                except Exception:
-                    if self.stop.set:  # e.g. SIGTERM also reached (and killed) the loader workers
-                        stopped = True
-                        break
+                except Exception as e:
+                    if self.stop.set:  # the signal also reached (and killed) the loader workers
+                        raise RuntimeError("SIGTERM killed the data-loader workers before this rank could "
+                                           "checkpoint; resume from the last periodic checkpoint") from e
                     raise
                 t_data = time.perf_counter() - t0
                 # FLOPs are counted once per run, on rank 0's first step (FlopCounterMode changes the
@@ -428,8 +428,6 @@ class Trainer:
                 if stop_now:
                     stopped = True
                     break
-            if stopped and (last_ckpt is None or not last_ckpt.name.endswith(f"{self.step:06d}")):
-                last_ckpt = self.save()
             export = None
             if not stopped:
                 latest = ckpt.latest_complete(self.ckpt_root)
@@ -437,7 +435,8 @@ class Trainer:
                     last_ckpt = self.save()
                 if cfg.checkpoint.export:
                     export = str(self.export())
-            self.tracker.close("KILLED" if stopped else "FINISHED")
+            # A preempted job has a short grace period: unsent tracking events stay in the spool.
+            self.tracker.close("KILLED" if stopped else "FINISHED", timeout=5.0 if stopped else 30.0)
             return TrainResult(self.step, stopped, str(last_ckpt) if last_ckpt else None, export,
                                self.nonfinite, losses, times, waits)
         except BaseException:

@@ -19,10 +19,7 @@ FAMILIES: dict[str, type[Family]] = {}
 BUILTIN_MODULES = (
     "training.families.toy",
     "training.families.autoencoder",
-    "training.families.kl_vae",
-    "training.families.vqgan",
     "training.families.diffusion",
-    "training.families.ddpm",
     "training.families.flow",
     "training.families.ar",
 )
