@@ -72,8 +72,10 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     for prior in ("ddpm", "flow", "ar"):
         m = summary["metrics"][prior]
         assert 0.0 <= m["caption_accuracy"] <= 1.0 and m["frechet"] >= 0.0
-        arr = np.asarray(Image.open(work / "samples" / f"{prior}.png").convert("RGB")).astype(float)
-        assert arr.std() > 5.0, prior
+        grid = np.asarray(Image.open(work / "samples" / f"{prior}.png").convert("RGB")).astype(float)
+        # The first generated image of the grid (right of the 260 px label column, 2x upscaled 32 px).
+        tile = grid[2:66, 262:326]
+        assert tile.std() > 1.0 and not (tile == 255).all(), prior
 
     # A rerun skips every complete stage.
     r2 = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
