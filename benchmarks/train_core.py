@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -186,10 +187,33 @@ def _mlflow_server(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
     raise RuntimeError("mlflow server did not come up")
 
 
+def _stop_server(proc: subprocess.Popen[bytes], uri: str) -> None:
+    """Stop the server and its worker processes, and make sure nothing answers at ``uri`` any more."""
+    import psutil
+
+    try:
+        kids = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        kids = []
+    proc.terminate()
+    proc.wait(timeout=30)
+    for k in kids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            k.kill()
+    psutil.wait_procs(kids, timeout=30)
+    try:
+        urllib.request.urlopen(uri + "/health", timeout=2)
+    except OSError:
+        return
+    raise RuntimeError(f"{uri} still answers after the server was stopped")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "train_core.json")
+    ap.add_argument("--out", type=Path, default=Path("train_core.json"), help="results as JSON")
     ap.add_argument("--steps", type=int, default=30, help="steps of each real-loop run")
+    ap.add_argument("--repeats", type=int, default=2, help="alternating server-up / server-down run pairs")
+    ap.add_argument("--skip-memory", action="store_true", help="only the real-loop runs")
     ap.add_argument("--worker", choices=["memory", "train"], help=argparse.SUPPRESS)
     ap.add_argument("--shards", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -207,42 +231,52 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        _torchrun(["--worker", "memory", "--out", str(tmp / "mem.json")])
-        mem = json.loads((tmp / "mem.json").read_text())
+        mem: list[dict[str, Any]] = []
+        if not args.skip_memory:
+            _torchrun(["--worker", "memory", "--out", str(tmp / "mem.json")])
+            mem = json.loads((tmp / "mem.json").read_text())
         shards = make_image_shards(tmp / "data", 4, 64)
-        server, uri = _mlflow_server(tmp)
-        try:
-            _torchrun(["--worker", "train", "--out", str(tmp / "up.json"), "--shards", str(shards),
-                       "--workdir", str(tmp / "up"), "--uri", uri, "--steps", str(args.steps)])
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
-        _torchrun(["--worker", "train", "--out", str(tmp / "down.json"), "--shards", str(shards),
-                   "--workdir", str(tmp / "down"), "--uri", uri, "--steps", str(args.steps)])
-        up, down = json.loads((tmp / "up.json").read_text()), json.loads((tmp / "down.json").read_text())
+        runs: dict[str, list[dict[str, list[float]]]] = {"up": [], "down": []}
+        for i in range(args.repeats):  # alternate, so drifting machine load hits both alike
+            for state in ("up", "down"):
+                server, uri = _mlflow_server(tmp / f"server{i}")
+                if state == "down":  # a tracking server that was there and went away
+                    _stop_server(server, uri)
+                try:
+                    out = tmp / f"{state}{i}.json"
+                    _torchrun(["--worker", "train", "--out", str(out), "--shards", str(shards),
+                               "--workdir", str(tmp / f"{state}{i}"), "--uri", uri, "--steps", str(args.steps)])
+                    runs[state].append(json.loads(out.read_text()))
+                finally:
+                    if server.poll() is None:
+                        _stop_server(server, uri)
+        up = {k: [v for r in runs["up"] for v in r[k]] for k in ("step_times", "data_waits")}
+        down = {k: [v for r in runs["down"] for v in r[k]] for k in ("step_times", "data_waits")}
 
     def summary(r: dict[str, list[float]]) -> dict[str, float]:
         t = statistics.median(r["step_times"])
         return {"median_step_s": t, "steps_per_s": 1.0 / t,
                 "data_wait_frac": sum(r["data_waits"]) / sum(r["step_times"])}
 
-    result = {"memory": mem, "server_up": summary(up), "server_down": summary(down)}
+    result: dict[str, Any] = {"memory": mem, "server_up": summary(up), "server_down": summary(down)}
     args.out.write_text(json.dumps(result, indent=1))
     s0 = {(r["precision"], r["stage"]): r for r in mem}
-    print("| precision | ZeRO | params MiB | optim MiB | grads+buffers MiB | total MiB | formula MiB | steps/s |")
-    print("|---|---|---|---|---|---|---|---|")
+    if mem:
+        print("| precision | ZeRO | params MiB | optim MiB | grads+buffers MiB | total MiB | formula MiB | steps/s |")
+        print("|---|---|---|---|---|---|---|---|")
     for r in mem:
         print(f"| {r['precision']} | {r['stage']} | {r['params_mib']:.0f} | {r['optim_mib']:.0f} | "
               f"{r['grads_other_mib']:.0f} | {r['total_mib']:.0f} | {r['formula_mib']:.0f} | {r['steps_per_s']:.2f} |")
     for prec in ("fp32", "bf16"):
-        a, b = s0[(prec, 2)], s0[(prec, 0)]
-        ratio = (a["optim_mib"] + a["grads_other_mib"]) / (b["optim_mib"] + b["grads_other_mib"])
-        print(f"\n{prec}: ZeRO-2 / ZeRO-0 optimizer+gradient memory per rank = {ratio:.3f}")
+        if (prec, 2) in s0:
+            a, b = s0[(prec, 2)], s0[(prec, 0)]
+            ratio = (a["optim_mib"] + a["grads_other_mib"]) / (b["optim_mib"] + b["grads_other_mib"])
+            print(f"\n{prec}: ZeRO-2 / ZeRO-0 optimizer+gradient memory per rank = {ratio:.3f}")
     u, dn = result["server_up"], result["server_down"]
-    print(f"\nreal loop (ZeRO-2, 2 ranks, {mem[0]['params'] / 1e6:.1f}M params): {u['steps_per_s']:.3f} steps/s, "
+    print(f"\nreal loop (ZeRO-2, fp32, 2 ranks, toy {BIG}): {u['steps_per_s']:.3f} steps/s, "
           f"data wait {100 * u['data_wait_frac']:.2f}% of step time")
     print(f"tracking server stopped vs running: median step {dn['median_step_s']:.3f}s vs {u['median_step_s']:.3f}s "
-          f"({100 * (dn['median_step_s'] / u['median_step_s'] - 1):+.1f}%)")
+          f"({100 * (dn['median_step_s'] / u['median_step_s'] - 1):+.1f}%; {args.repeats} alternating run pairs)")
     return 0
 
 

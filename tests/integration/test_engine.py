@@ -1,11 +1,11 @@
-"""The trainer under real faults: torchrun 2 ranks (ZeRO-2, two-part toy_gan), SIGKILL mid-save,
+"""The trainer under real faults: torchrun 2 ranks (ZeRO-3, two-part toy_gan), SIGKILL mid-save,
 --resume, SIGTERM, a 2-rank checkpoint resumed at 1 rank, EMA vs a hand-computed reference,
 and the exported safetensors. One chain of 4 processes (about 3-4 minutes on 2 CPU cores).
 
     P1 reference   torchrun 2 ranks, 16 steps, a checkpoint after every step (all kept)
     P2 victim      same config, SIGKILL while a checkpoint is half-written
     P3 resume      torchrun 2 ranks --resume; SIGTERM to the launcher mid-run -> exit 0
-    P4 resume      1 rank --resume from P3's 2-rank checkpoint (DeepSpeed universal) to the end
+    P4 resume      1 rank --resume from P3's 2-rank ZeRO-3 checkpoint (DeepSpeed universal) to the end
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ BASE = [
     "model.kind=toy_gan", f"model.nan_loss_steps=[{NAN_STEP}]", "data.batch_size=8", "data.num_workers=1",
     "optim.lr=0.005", "optim.warmup_steps=2", f"steps={STEPS}", f"ema.decay={DECAY}",
     f"ema.start_step={EMA_START}", "checkpoint.every_steps=1", "log_keys=true", "tracking.system_metrics=false",
-    "eval_every=4", "sample_every=8", "deepspeed.zero_stage=2",
+    "eval_every=4", "sample_every=8", "deepspeed.zero_stage=3",
 ]
 
 
@@ -177,7 +177,7 @@ def test_kill_resume_sigterm_rescale_ema_export(tmp_path: Path) -> None:
     assert _finish(p3, tmp_path / "p3.log") == 0, (tmp_path / "p3.log").read_text()[-3000:]
     stopped = latest_complete(chain / "checkpoints")
     assert stopped is not None and resume_from.step + 3 <= stopped.step < STEPS
-    assert stopped.state["world_size"] == 2
+    assert stopped.state["world_size"] == 2 and stopped.state["ema"]["mode"] == "zero3"
     # Same world size: the resumed run is bit-identical to the uninterrupted one (weights of both parts).
     for part in ("model", "disc"):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint as fp32

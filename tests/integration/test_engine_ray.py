@@ -1,5 +1,6 @@
-"""The trainer on Ray Train (``TorchTrainer``, 2 workers, gloo): ZeRO-3, the loss falls, the
-ZeRO-3-sharded EMA equals a hand-computed EMA of the per-step weights, and the export is it."""
+"""The trainer on Ray Train (``TorchTrainer``, 2 workers, gloo): ZeRO-2, the loss falls, the EMA
+sharded like ZeRO-2's fp32 partitions equals a hand-computed EMA of the per-step weights, and the
+export is it. (ZeRO-3 runs under torchrun in test_engine.py.)"""
 
 from __future__ import annotations
 
@@ -28,13 +29,13 @@ def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="model").items()}
 
 
-def test_ray_zero3_loss_falls_and_sharded_ema(tmp_path: Path, ray_local: None) -> None:
+def test_ray_zero2_loss_falls_and_sharded_ema(tmp_path: Path, ray_local: None) -> None:
     from mlflow.tracking import MlflowClient
 
     shards = make_image_shards(tmp_path / "data", 2, 32)
     workdir = tmp_path / "run"
     cfg = load_config(TrainConfig, ROOT / "configs/train_toy.yaml", [
-        f"data.shards={shards}", f"workdir={workdir}", "data.batch_size=8", "deepspeed.zero_stage=3",
+        f"data.shards={shards}", f"workdir={workdir}", "data.batch_size=8", "deepspeed.zero_stage=2",
         f"steps={STEPS}", "optim.lr=0.005", "optim.warmup_steps=2", f"ema.decay={DECAY}", f"ema.start_step={EMA_START}",
         "checkpoint.every_steps=1", "checkpoint.keep_last=100", "tracking.system_metrics=false",
         "eval_every=4", "sample_every=8"])
@@ -42,7 +43,7 @@ def test_ray_zero3_loss_falls_and_sharded_ema(tmp_path: Path, ray_local: None) -
 
     final = latest_complete(workdir / "checkpoints")
     assert final is not None and final.step == STEPS and final.state["world_size"] == 2
-    assert final.state["ema"]["mode"] == "zero3" and final.state["zero_stage"] == 3
+    assert final.state["ema"]["mode"] == "hp" and final.state["zero_stage"] == 2
 
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     run = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
