@@ -105,3 +105,17 @@ def test_toy_gan_keeps_critic_grads_out_of_generator_loss() -> None:
     assert all(p.grad is None for p in mods["model"].parameters())
     assert {"mse", "adv"} <= set(logs) and fam.parts(0) == ["model", "disc"]
     assert set(fam.log_images(mods, batch)) == {"colours"}
+
+
+def test_train_command_rejects_bad_config_before_launching(capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.cli import main
+
+    toy = str(Path(__file__).parents[2] / "configs/train_toy.yaml")
+    assert main(["train", toy]) == 2
+    assert "data.shards is required" in capsys.readouterr().err
+    assert main(["train", toy, "data.shards=/nowhere", "model.foo=1"]) == 2
+    assert "model.foo" in capsys.readouterr().err
+    assert main(["train", toy, "data.shards=/nowhere", "data.kind=latents"]) == 2
+    assert "trains on images" in capsys.readouterr().err
+    assert main(["train", toy, "data.shards=/nowhere", "--nproc", "2"]) == 2
+    assert "local launcher runs one rank" in capsys.readouterr().err
