@@ -106,7 +106,7 @@ def test_vqgan_two_ranks_two_optimizers_resume_export_register_load(tmp_path: Pa
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{work / 'mlflow.db'}"
-    assert MlflowClient(uri).get_model_version_by_alias("ae-vq-test", "final").version == "2"
+    assert str(MlflowClient(uri).get_model_version_by_alias("ae-vq-test", "final").version) == "2"
     before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)  # (also sets $MLFLOW_TRACKING_URI: restored below)
     try:
