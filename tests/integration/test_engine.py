@@ -2,7 +2,7 @@
 --resume, SIGTERM, a 2-rank checkpoint resumed at 1 rank, EMA vs a hand-computed reference,
 and the exported safetensors. One chain of 4 processes (about 3-4 minutes on 2 CPU cores).
 
-    P1 reference   torchrun 2 ranks, 16 steps, a checkpoint after every step (all kept)
+    P1 reference   deepspeed launcher, 2 ranks, 16 steps, a checkpoint after every step (all kept)
     P2 victim      same config, SIGKILL while a checkpoint is half-written
     P3 resume      torchrun 2 ranks --resume; SIGTERM to the launcher mid-run -> exit 0
     P4 resume      1 rank --resume from P3's 2-rank ZeRO-3 checkpoint (DeepSpeed universal) to the end
@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -79,6 +80,12 @@ def _finish(proc: subprocess.Popen[bytes], log: Path, timeout: float = 900) -> i
         _signal_tree(proc.pid, signal.SIGKILL)
         proc.wait()
         raise AssertionError(f"timed out; log tail:\n{log.read_text()[-3000:]}") from None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _keys(workdir: Path) -> dict[int, list[str]]:
@@ -152,8 +159,8 @@ def test_kill_resume_sigterm_rescale_ema_export(tmp_path: Path) -> None:
     ref, chain = tmp_path / "ref", tmp_path / "chain"
 
     # P1 (reference) and P2 (victim) run side by side.
-    p1 = _start(_cmd(ref, shards, "checkpoint.keep_last=100", "--launcher", "torchrun", "--nproc", "2"),
-                tmp_path / "p1.log")
+    p1 = _start(_cmd(ref, shards, "checkpoint.keep_last=100", "--launcher", "deepspeed", "--nproc", "2",
+                     "--master-port", str(_free_port())), tmp_path / "p1.log")
     p2 = _start(_cmd(chain, shards, "checkpoint.keep_last=3", "--launcher", "torchrun", "--nproc", "2"),
                 tmp_path / "p2.log")
     half = _kill_mid_save(p2, chain / "checkpoints", tmp_path / "p2.log")
