@@ -133,11 +133,16 @@ def flow_timesteps(steps: int, shift: TimeShift, h: int, w: int) -> list[float]:
     return [float(v) for v in shift(grid, h, w)]
 
 
-class EulerSampler:
-    """Explicit Euler for dX/dt = v(X, t), t: 0 -> 1 (as minRF's sampler)."""
+class _FlowODESampler:
+    """Integrates dX/dt = v(X, t) from t = 0 (noise) to 1 (data) on the shifted time grid."""
 
     def __init__(self, shift: TimeShift | None = None) -> None:
         self.shift = shift or TimeShift()
+
+    def step(self, model: Model, x: torch.Tensor, t: float, s: float, cond: Any,
+             guidance: float | None) -> torch.Tensor:
+        """X at time ``s`` from X [B, C, h, w] at time ``t``."""
+        raise NotImplementedError
 
     @torch.no_grad()
     def sample(
@@ -149,39 +154,31 @@ class EulerSampler:
         guidance: float | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """X_0 = noise [B, C, h, w] -> X_1 [B, C, h, w] in ``steps`` evaluations. Deterministic."""
+        """X_0 = noise [B, C, h, w] -> X_1 [B, C, h, w] in ``steps`` steps. Deterministic."""
         ts = flow_timesteps(steps, self.shift, noise.shape[-2], noise.shape[-1])
         x = noise
         for t, s in zip(ts[:-1], ts[1:]):
-            x = x + (s - t) * guided(model, x, _full(x, 0) + t, cond, guidance)
+            x = self.step(model, x, t, s, cond, guidance)
         return x
 
 
-class HeunSampler:
-    """Heun's second-order method (explicit trapezoid) for the flow ODE: 2 evaluations per step."""
+class EulerSampler(_FlowODESampler):
+    """Explicit Euler (as minRF's sampler): 1 evaluation per step."""
 
-    def __init__(self, shift: TimeShift | None = None) -> None:
-        self.shift = shift or TimeShift()
+    def step(self, model: Model, x: torch.Tensor, t: float, s: float, cond: Any,
+             guidance: float | None) -> torch.Tensor:
+        return x + (s - t) * guided(model, x, _full(x, 0) + t, cond, guidance)
 
-    @torch.no_grad()
-    def sample(
-        self,
-        model: Model,
-        noise: torch.Tensor,
-        cond: Any,
-        steps: int,
-        guidance: float | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """X_0 = noise [B, C, h, w] -> X_1 [B, C, h, w] in ``2 * steps`` evaluations. Deterministic."""
-        ts = flow_timesteps(steps, self.shift, noise.shape[-2], noise.shape[-1])
-        x = noise
-        for t, s in zip(ts[:-1], ts[1:]):
-            v1 = guided(model, x, _full(x, 0) + t, cond, guidance)
-            x_pred = x + (s - t) * v1
-            v2 = guided(model, x_pred, _full(x, 0) + s, cond, guidance)
-            x = x + (s - t) * 0.5 * (v1 + v2)
-        return x
+
+class HeunSampler(_FlowODESampler):
+    """Heun's second-order method (explicit trapezoid): 2 evaluations per step."""
+
+    def step(self, model: Model, x: torch.Tensor, t: float, s: float, cond: Any,
+             guidance: float | None) -> torch.Tensor:
+        v1 = guided(model, x, _full(x, 0) + t, cond, guidance)
+        x_pred = x + (s - t) * v1
+        v2 = guided(model, x_pred, _full(x, 0) + s, cond, guidance)
+        return x + (s - t) * 0.5 * (v1 + v2)
 
 
 DIFFUSION_SAMPLERS = ("ddpm", "ddim")
