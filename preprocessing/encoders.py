@@ -118,6 +118,17 @@ def _diffusers_folder(path: str | Path, subfolder: str) -> tuple[Path, str | Non
     raise FileNotFoundError(f"{p} is not a diffusers model folder (no config.json, nor {subfolder}/config.json)")
 
 
+def _load_diffusers(model_cls: Any, path: str | Path, subfolder: str, identity: dict[str, Any] | None
+                    ) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A diffusers model in fp32 from a local folder (or ``<pipeline>/<subfolder>``), and its identity."""
+    root, sub = _diffusers_folder(path, subfolder)
+    model = model_cls.from_pretrained(root, subfolder=sub, local_files_only=True,
+                                      torch_dtype=torch.float32, low_cpu_mem_usage=False)
+    src = root / sub if sub else root
+    ident = identity or {"source": str(Path(path).resolve()), "format": "diffusers", "sha256": folder_sha256(src)}
+    return model, ident
+
+
 def _fp32(model: torch.nn.Module) -> torch.nn.Module:
     return model if all(p.dtype == torch.float32 for p in model.parameters()) else model.float()
 
@@ -158,13 +169,7 @@ class KLVAEEncoder:
         """Load a local diffusers ``AutoencoderKL`` folder (or a pipeline folder with ``vae/``), offline."""
         from diffusers import AutoencoderKL
 
-        root, sub = _diffusers_folder(path, "vae")
-        model = AutoencoderKL.from_pretrained(root, subfolder=sub, local_files_only=True,
-                                               torch_dtype=torch.float32, low_cpu_mem_usage=False)
-        src = root / sub if sub else root
-        ident = identity or {"source": str(Path(path).resolve()), "format": "diffusers",
-                             "sha256": folder_sha256(src)}
-        return cls(model, ident, device)
+        return cls(*_load_diffusers(AutoencoderKL, path, "vae", identity), device)
 
     def identity(self) -> dict[str, Any]:
         return dict(self._identity)
@@ -199,13 +204,7 @@ class VQGANEncoder:
         """Load a local diffusers ``VQModel`` folder (or a pipeline folder with ``vqvae/``), offline."""
         from diffusers import VQModel
 
-        root, sub = _diffusers_folder(path, "vqvae")
-        model = VQModel.from_pretrained(root, subfolder=sub, local_files_only=True,
-                                        torch_dtype=torch.float32, low_cpu_mem_usage=False)
-        src = root / sub if sub else root
-        ident = identity or {"source": str(Path(path).resolve()), "format": "diffusers",
-                             "sha256": folder_sha256(src)}
-        return cls(model, ident, device)
+        return cls(*_load_diffusers(VQModel, path, "vqvae", identity), device)
 
     def identity(self) -> dict[str, Any]:
         return dict(self._identity)
