@@ -170,7 +170,7 @@ def _download_registered(uri: str, cache: Path, tracking_uri: str | None) -> tup
     try:
         mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except mlflow.exceptions.MlflowException as e:
-        raise ConfigError(f"{uri}: not found in the MLflow registry at {mlflow.get_tracking_uri()} "
+        raise ConfigError(f"{uri}: not found in the MLflow registry at {tracking_uri or mlflow.get_tracking_uri()} "
                           f"({str(e).splitlines()[0]})") from None
     origin = {"mlflow_uri": uri, "model_name": name, "model_version": int(mv.version), "run_id": mv.run_id}
     safe = re.sub(r"[^\w.-]", "_", name)
@@ -179,11 +179,11 @@ def _download_registered(uri: str, cache: Path, tracking_uri: str | None) -> tup
         tmp = cache / f"{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         try:
-            if tracking_uri:
-                mlflow.set_tracking_uri(tracking_uri)
-                mlflow.set_registry_uri(tracking_uri)
+            # explicit URIs, not mlflow.set_tracking_uri: that also sets $MLFLOW_TRACKING_URI for the
+            # rest of the process and every child it starts
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}",
-                                                            dst_path=str(tmp)))
+                                                            dst_path=str(tmp), tracking_uri=tracking_uri,
+                                                            registry_uri=tracking_uri))
             found = [p.parent for p in local.rglob("export.json")]
             if len(found) != 1:
                 raise ConfigError(f"{uri}: not a latentpipe model (expected one export.json, found {len(found)})")

@@ -12,7 +12,6 @@ import copy
 import datetime
 import logging
 import os
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -35,29 +34,24 @@ class DistInfo:
     backend: str
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def setup_distributed(backend: str = "auto") -> DistInfo:
     """Join (or create) the default process group from RANK/WORLD_SIZE/MASTER_* (torchrun, the
-    deepspeed launcher, SLURM via our scripts, Ray Train). Without them: a 1-rank group on 127.0.0.1."""
+    deepspeed launcher, SLURM via our scripts, Ray Train). Without them: a 1-rank group in this process."""
     import deepspeed
 
     cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
     chosen = backend if backend != "auto" else ("nccl" if cuda else "gloo")
+    # A long collective timeout: rank 0 alone converts a checkpoint to universal form on a rescale.
+    timeout = datetime.timedelta(minutes=60)
     if not dist.is_initialized() and "RANK" not in os.environ:
+        # One rank, no launcher: an in-process store, so no port to pick (a port found free can be
+        # taken by another job before we bind it). DeepSpeed then adopts this group.
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group(chosen, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local_rank)
-    # A long collective timeout: rank 0 alone converts a checkpoint to universal form on a rescale.
-    deepspeed.init_distributed(dist_backend=chosen, auto_mpi_discovery=False, verbose=False,
-                               timeout=datetime.timedelta(minutes=60))
+    deepspeed.init_distributed(dist_backend=chosen, auto_mpi_discovery=False, verbose=False, timeout=timeout)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, dist.get_backend())
 
