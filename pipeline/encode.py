@@ -179,11 +179,12 @@ def _download_registered(uri: str, cache: Path, tracking_uri: str | None) -> tup
         tmp = cache / f"{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         try:
-            # explicit URIs, not mlflow.set_tracking_uri: that also sets $MLFLOW_TRACKING_URI for the
-            # rest of the process and every child it starts
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}",
-                                                            dst_path=str(tmp), tracking_uri=tracking_uri,
-                                                            registry_uri=tracking_uri))
+            # The version's storage location through our client, then a download with explicit URIs:
+            # MLflow resolves "models:/" against the global registry URI only, and
+            # mlflow.set_tracking_uri would also set $MLFLOW_TRACKING_URI for every child process.
+            source = client.get_model_version_download_uri(name, mv.version)
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp),
+                                                            tracking_uri=tracking_uri, registry_uri=tracking_uri))
             found = [p.parent for p in local.rglob("export.json")]
             if len(found) != 1:
                 raise ConfigError(f"{uri}: not a latentpipe model (expected one export.json, found {len(found)})")
