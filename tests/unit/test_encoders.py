@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from preprocessing.encoders import (
+    MICRO_BATCH,
     Encoder,
     KLVAEEncoder,
     TextEncoder,
@@ -153,6 +154,22 @@ def test_contract_batch_size_independent(encoder: Encoder) -> None:
                 np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), v)
             else:
                 np.testing.assert_allclose(np.concatenate([p[k] for p in parts]), v, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["kl_vae", "vqgan"])
+def test_image_arrays_are_bit_identical_whatever_the_batch(name: str, models: dict[str, Path]) -> None:
+    """Micro-batches of a fixed shape: an image's arrays do not depend on the batch size (1 to more
+    than two micro-batches) nor on which images share its batch."""
+    encoder = FACTORIES[name](models)
+    x = images(2 * MICRO_BATCH + 3)
+    full = encoder.encode(x)
+    for bs in (1, 5, MICRO_BATCH + 1):
+        parts = [encoder.encode(x[s:s + bs]) for s in range(0, len(x), bs)]
+        for k, v in full.items():
+            np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), v)
+    order = np.random.default_rng(0).permutation(len(x))
+    for k, v in encoder.encode(x[order]).items():
+        np.testing.assert_array_equal(v, full[k][order])
 
 
 def test_contract_identity(encoder: Encoder) -> None:

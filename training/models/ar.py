@@ -15,6 +15,7 @@ first ``codebook_size`` columns.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -95,6 +96,8 @@ class ARPrior(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.lm: LlamaForCausalLM | GPT2LMHeadModel = _lm(cfg)
+        # transformers renamed the KV-cache argument and output field past_key_values -> cache (5.2x)
+        self._cache_kw = "cache" if "cache" in inspect.signature(self.lm.forward).parameters else "past_key_values"
         self.text_proj = nn.Linear(cfg.text_dim, cfg.width)
         # Learned per-position padding / null prefix: [L, width].
         self.null_prefix = nn.Parameter(torch.randn(cfg.text_len, cfg.width) * 0.02)
@@ -157,8 +160,8 @@ class ARPrior(nn.Module):
             embeds = torch.cat([self.prefix(ids.shape[0], text, text_mask).to(embeds.dtype), embeds], dim=1)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.lm.config)
-        out = self.lm(inputs_embeds=embeds, cache=cache, use_cache=use_cache, logits_to_keep=keep)
-        return out.logits.float(), (out.cache if use_cache else None)
+        out = self.lm(inputs_embeds=embeds, use_cache=use_cache, logits_to_keep=keep, **{self._cache_kw: cache})
+        return out.logits.float(), (getattr(out, self._cache_kw) if use_cache else None)
 
 
 def ar_demo() -> ARConfig:
