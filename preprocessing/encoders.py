@@ -23,10 +23,11 @@ Image batches are uint8 ``[B, H, W, 3]`` (decoded pixels, channels last) or floa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -151,10 +152,16 @@ def _fp32(model: torch.nn.Module) -> torch.nn.Module:
     return model if all(p.dtype == torch.float32 for p in model.parameters()) else model.float()
 
 
-def _strict_fp32(device: torch.device) -> None:
-    if device.type == "cuda":  # TF32 would make results depend on the kernel, hence on the batch size
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+@contextlib.contextmanager
+def _strict_fp32() -> Iterator[None]:
+    """TF32 off while the encoder runs (it would round inputs to 10-bit mantissas), restored after:
+    the flags are process-wide, and a trainer or sampler in the same process wants them as they were."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 # ----------------------------------------------------------------------------- image encoders
@@ -169,7 +176,6 @@ class KLVAEEncoder:
     def __init__(self, model: torch.nn.Module, identity: dict[str, Any], device: str | None = None,
                  scaling_factor: float | None = None) -> None:
         self.device = pick_device(device)
-        _strict_fp32(self.device)
         self.model = _fp32(model).to(self.device).eval().requires_grad_(False)
         cfg = getattr(model, "config", {})
         self.latent_channels = int(cfg["latent_channels"])
@@ -200,7 +206,8 @@ class KLVAEEncoder:
             dist = self.model.encode(chunk).latent_dist  # type: ignore[operator]
             return torch.cat([dist.mean, dist.logvar], dim=1)
 
-        return {"latent": _fixed_shape(x, moments).float().cpu().numpy()}
+        with _strict_fp32():
+            return {"latent": _fixed_shape(x, moments).float().cpu().numpy()}
 
 
 class VQGANEncoder:
@@ -211,7 +218,6 @@ class VQGANEncoder:
 
     def __init__(self, model: torch.nn.Module, identity: dict[str, Any], device: str | None = None) -> None:
         self.device = pick_device(device)
-        _strict_fp32(self.device)
         self.model = _fp32(model).to(self.device).eval().requires_grad_(False)
         cfg = getattr(model, "config", {})
         self.downsample = 2 ** (len(cfg["block_out_channels"]) - 1)
@@ -239,7 +245,8 @@ class VQGANEncoder:
             _, _, info = self.model.quantize(h)  # type: ignore[operator]
             return info[2].reshape(h.shape[0], h.shape[2] * h.shape[3])
 
-        return {"tokens": _fixed_shape(x, codes).to(torch.int32).cpu().numpy()}
+        with _strict_fp32():
+            return {"tokens": _fixed_shape(x, codes).to(torch.int32).cpu().numpy()}
 
 
 # ----------------------------------------------------------------------------- text encoders

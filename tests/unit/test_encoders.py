@@ -253,3 +253,20 @@ def test_bad_input_fails_loudly(tmp_path: Path, models: dict[str, Path]) -> None
     text = TextEncoder(None, device="cpu")
     with pytest.raises(ValueError, match="caption strings"):
         text.encode([b"bytes"])  # type: ignore[list-item]
+
+
+def test_encoders_leave_the_process_tf32_flags_as_they_were(models: dict[str, Path]) -> None:
+    """fp32 without TF32 while encoding, but the process-wide flags are restored afterwards."""
+    seen: list[bool] = []
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        enc = FACTORIES["kl_vae"](models)
+        hook = enc.model.encoder.register_forward_pre_hook(  # type: ignore[attr-defined,union-attr]
+            lambda *_: seen.append(torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32))
+        enc.encode(images(3))
+        hook.remove()
+        assert seen and not any(seen)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
