@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -191,7 +191,7 @@ class Demo:
             self.made[f"{kind} samples"] = str(out)
 
     def summary(self) -> dict[str, Any]:
-        result = {"workdir": str(self.root), "made": self.made, "metrics": self.metrics,
+        result = {"workdir": str(self.root), "config": asdict(self.cfg), "made": self.made, "metrics": self.metrics,
                   "tracking_uri": self.tracking_uri, "seconds": self.timings}
         (self.root / "demo_summary.json").write_text(json.dumps(result, indent=2))
         return result

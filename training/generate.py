@@ -70,11 +70,12 @@ class Prior:
             raise ValueError(f"{uri}: family {self.kind!r} is not a text-to-image prior "
                              f"(one of {', '.join(FAMILY_SAMPLERS)})")
         self.text = _text_encoder(self.meta, text_encoder, str(self.device))
+        self._sample0 = self.family.cfg.sample  # type: ignore[attr-defined]  # options apply on top of this
 
     def _configure(self, opt: SampleOptions) -> None:
         cfg: Any = self.family.cfg
+        s = self._sample0  # not the last call's settings: None always means the model's own
         if self.kind == "ar":
-            s = cfg.sample
             cfg.sample = replace(
                 s,
                 temperature=s.temperature if opt.temperature is None else opt.temperature,
@@ -86,7 +87,6 @@ class Prior:
         if opt.sampler is not None and opt.sampler not in FAMILY_SAMPLERS[self.kind]:
             raise ValueError(f"sampler {opt.sampler!r} does not fit a {self.kind} model "
                              f"(choose {' or '.join(FAMILY_SAMPLERS[self.kind])})")
-        s = cfg.sample
         cfg.sample = replace(s, sampler=opt.sampler or s.sampler, steps=opt.steps or s.steps,
                              guidance=s.guidance if opt.guidance is None else opt.guidance)
 
