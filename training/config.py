@@ -7,7 +7,11 @@ dataclass with defaults, so an empty config trains the toy family on ``data.shar
 
 from __future__ import annotations
 
+import copy
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from training.data import DataConfig
@@ -45,6 +49,7 @@ class DeepSpeedSection:
     offload_params: bool = False  # ZeRO-Infinity style parameter offload to CPU (stage 3 only)
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on GPUs, gloo on CPU
     extra: dict[str, Any] = field(default_factory=dict)
+    config_file: str | None = None  # a DeepSpeed JSON (e.g. infra/deepspeed/zero3_offload.json): see below
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -109,12 +114,73 @@ class TrainConfig:
     log_keys: bool = False  # append each step's keys to <workdir>/keys/start-S-rank-R.jsonl (audit)
 
     def __post_init__(self) -> None:
+        if self.deepspeed.config_file:
+            apply_deepspeed_file(self, self.deepspeed.config_file)
         if not isinstance(self.model.get("kind"), str):
             raise ValueError("model.kind must name a model family, e.g. 'toy'")
         if self.steps < 0 or self.eval_every < 0 or self.sample_every < 0 or self.log_every < 1:
             raise ValueError("need steps, eval_every, sample_every >= 0 and log_every >= 1")
         if self.max_nonfinite < 1:
             raise ValueError(f"max_nonfinite must be >= 1, got {self.max_nonfinite}")
+
+
+def apply_deepspeed_file(cfg: TrainConfig, path: str) -> None:
+    """Adopt a plain DeepSpeed JSON config; its values win over the YAML's.
+
+    The keys the trainer itself depends on become the typed settings they mean (ZeRO stage,
+    precision, offload, accumulation, micro-batch = ``data.batch_size``, clipping =
+    ``optim.grad_clip``); ``train_batch_size`` is dropped (it follows from the world size at
+    launch); every other key is merged into ``deepspeed.extra`` (where the YAML's own ``extra``
+    keys win), so bucket sizes, prefetch and pinning settings reach DeepSpeed as written.
+    """
+    file = Path(path).expanduser()
+    try:
+        raw = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"deepspeed.config_file {file}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"deepspeed.config_file {file}: not JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"deepspeed.config_file {file}: expected a JSON object")
+    ds = copy.deepcopy(raw)
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ValueError(f"deepspeed.config_file {file}: zero_optimization must be an object")
+    sec = cfg.deepspeed
+    if "stage" in zero:
+        sec.zero_stage = int(zero.pop("stage"))
+    if "offload_optimizer" in zero:
+        sec.offload_optimizer = (zero["offload_optimizer"] or {}).get("device", "none") != "none"
+    if "offload_param" in zero:
+        sec.offload_params = (zero["offload_param"] or {}).get("device", "none") != "none"
+    for key, precision in (("bf16", "bf16"), ("fp16", "fp16")):
+        if isinstance(ds.get(key), dict) and ds[key].pop("enabled", False):
+            sec.precision = precision  # type: ignore[assignment]
+        elif isinstance(ds.get(key), dict):
+            ds[key].pop("enabled", None)
+    if "gradient_accumulation_steps" in ds:
+        sec.grad_accum = int(ds.pop("gradient_accumulation_steps"))
+    if "train_micro_batch_size_per_gpu" in ds:
+        cfg.data.batch_size = int(ds.pop("train_micro_batch_size_per_gpu"))
+    if "gradient_clipping" in ds:
+        cfg.optim.grad_clip = float(ds.pop("gradient_clipping"))
+    ds.pop("train_batch_size", None)
+    user_extra = sec.extra
+    sec.extra = {}
+    for source in (ds, user_extra):  # the file's remaining keys, then the YAML's extra over them
+        merge_into(sec.extra, source)
+    sec.config_file = str(file.resolve())
+    sec.__post_init__()  # re-validate the adopted values (stage / offload combinations)
+
+
+def merge_into(dst: dict[str, Any], src: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursive dict update of ``dst`` by ``src`` (copies of ``src``'s values); returns ``dst``."""
+    for k, v in src.items():
+        if isinstance(v, Mapping) and isinstance(dst.get(k), dict):
+            merge_into(dst[k], v)
+        else:
+            dst[k] = copy.deepcopy(v)
+    return dst
 
 
 __all__ = ["CheckpointConfig", "DeepSpeedSection", "EmaConfig", "OptimConfig", "TrainConfig"]

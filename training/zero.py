@@ -8,7 +8,6 @@ schedule is DeepSpeed's ``WarmupCosineLR`` (linear warmup, cosine decay to a flo
 from __future__ import annotations
 
 import contextlib
-import copy
 import datetime
 import logging
 import os
@@ -20,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from training.config import TrainConfig
+from training.config import TrainConfig, merge_into
 
 log = logging.getLogger("latentpipe.train")
 
@@ -56,15 +55,6 @@ def setup_distributed(backend: str = "auto") -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, dist.get_backend())
 
 
-def _merge(dst: dict[str, Any], src: Mapping[str, Any]) -> dict[str, Any]:
-    for k, v in src.items():
-        if isinstance(v, Mapping) and isinstance(dst.get(k), dict):
-            _merge(dst[k], v)
-        else:
-            dst[k] = copy.deepcopy(v)
-    return dst
-
-
 def ds_config(cfg: TrainConfig, part: str, world_size: int, universal: bool = False) -> dict[str, Any]:
     """The DeepSpeed config dict of one part's engine."""
     ds, opt = cfg.deepspeed, cfg.optim
@@ -98,7 +88,7 @@ def ds_config(cfg: TrainConfig, part: str, world_size: int, universal: bool = Fa
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
-    return _merge(out, ds.extra)
+    return merge_into(out, ds.extra)
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
