@@ -30,6 +30,7 @@ import io
 import itertools
 import logging
 import os
+import signal
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -358,7 +359,7 @@ class ShardStream:
         nw = self.cfg.num_workers
         loader = torch.utils.data.DataLoader(
             steps, batch_size=None, sampler=_Forever(), num_workers=nw,
-            prefetch_factor=2 if nw else None, pin_memory=torch.cuda.is_available(),
+            prefetch_factor=2 if nw else None, pin_memory=torch.cuda.is_available(), worker_init_fn=_ignore_sigterm,
             # Its own generator: creating the iterator must not draw from the global torch RNG,
             # or a resumed run's global randomness would be shifted against an uninterrupted one.
             generator=torch.Generator().manual_seed(self.cfg.seed))
@@ -370,3 +371,10 @@ class ShardStream:
                 yield batch
         finally:
             del it  # shuts the workers down
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    """Loader workers ignore SIGTERM: a scheduler that signals every process of a job (SLURM's
+    scancel and time limit, a shell's process group) would otherwise kill them under the rank,
+    which must live on to checkpoint. They still end with their rank (PyTorch's watchdog)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
