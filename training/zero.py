@@ -42,10 +42,14 @@ def setup_distributed(backend: str = "auto") -> DistInfo:
     chosen = backend if backend != "auto" else ("nccl" if cuda else "gloo")
     # A long collective timeout: rank 0 alone converts a checkpoint to universal form on a rescale.
     timeout = datetime.timedelta(minutes=60)
-    if not dist.is_initialized() and "RANK" not in os.environ:
+    env = os.environ
+    alone = "RANK" not in env or (env.get("WORLD_SIZE", "1") == "1" and "MASTER_ADDR" not in env)
+    if not dist.is_initialized() and alone:
         # One rank, no launcher: an in-process store, so no port to pick (a port found free can be
-        # taken by another job before we bind it). DeepSpeed then adopts this group.
-        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+        # taken by another job before we bind it); DeepSpeed adopts this group. It still wants
+        # RANK/LOCAL_RANK set, and a child process that inherits them (with no MASTER_ADDR) takes
+        # this same path instead of waiting for a rendezvous that does not exist.
+        env.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
         dist.init_process_group(chosen, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:

@@ -73,3 +73,21 @@ def test_file_trains(path: Path) -> None:
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
     assert engine.zero_optimization_stage() == cfg.deepspeed.zero_stage
     assert engine.bfloat16_enabled() == (cfg.deepspeed.precision == "bf16")
+
+
+
+def test_a_child_of_a_one_rank_process_trains_alone(tmp_path: Path) -> None:
+    """A 1-rank group made in-process leaves RANK/LOCAL_RANK (DeepSpeed reads them) but no
+    rendezvous in the environment; a child process inheriting them also trains as one rank
+    (in CI it failed: first on a stale MASTER_PORT, then on a missing MASTER_ADDR)."""
+    import os
+    import subprocess
+    import sys
+
+    setup_distributed("gloo")
+    assert os.environ["WORLD_SIZE"] == "1" and "MASTER_ADDR" not in os.environ
+    code = ("from training.zero import setup_distributed; d = setup_distributed('gloo'); "
+            "print(d.rank, d.world_size)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0 and out.stdout.split()[-2:] == ["0", "1"], out.stderr[-2000:]
