@@ -88,6 +88,21 @@ class TrackingConfig:
     retry_max_s: float = 30.0       # longest pause between attempts while the server is unreachable
 
 
+def check_db_driver(uri: str) -> None:
+    """A database store whose Python driver is missing is a config error now: left to the sender it
+    would look like an outage and the run would be spooled for ever."""
+    scheme = uri.split(":", 1)[0]
+    if not scheme.startswith(("postgresql", "mysql", "mssql")):
+        return
+    from sqlalchemy.engine import make_url
+
+    try:
+        make_url(uri).get_dialect().import_dbapi()
+    except ImportError as e:
+        raise ValueError(f"tracking.uri {scheme}://...: its database driver is not installed ({e}); install "
+                         "it, or name one that is (postgresql+psycopg2://... with psycopg2-binary)") from None
+
+
 def resolve_uri(uri: str | None, workdir: Path) -> str:
     """The tracking URI: config, else $MLFLOW_TRACKING_URI, else ``sqlite:///<workdir>/mlflow.db``."""
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
@@ -200,6 +215,7 @@ class Tracker:
         self.uri = resolve_uri(cfg.uri, self.workdir)
         if self.uri.startswith(("http://", "https://")):
             fast_fail_http(cfg.http_timeout)
+        check_db_driver(self.uri)
         spool_dir = self.workdir / SPOOL_DIR
         spool_dir.mkdir(parents=True, exist_ok=True)
         self.run_key = self._run_key(resume)

@@ -34,6 +34,7 @@ from training.tracking import (
     RUN_FILE,
     Tracker,
     TrackingConfig,
+    check_db_driver,
     flatten_params,
     git_commit,
     replay_spool,
@@ -141,6 +142,15 @@ def test_uri_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
     assert resolve_uri(None, tmp_path) == "http://tracking.example:5000"
     assert resolve_uri("sqlite:////x/y.db", tmp_path) == "sqlite:////x/y.db"
+
+
+def test_a_database_store_without_its_driver_is_a_config_error(tmp_path: Path) -> None:
+    """Not an 'outage' spooled for ever: plain postgresql:// means psycopg v3 under SQLAlchemy 2.1,
+    which is not installed here (psycopg2 is)."""
+    cfg = TrackingConfig(uri="postgresql://user@127.0.0.1:1/db")
+    with pytest.raises(ValueError, match="database driver is not installed"):
+        Tracker(cfg, tmp_path, active=True)
+    check_db_driver("postgresql+psycopg2://user@127.0.0.1:1/db")  # psycopg2 is installed: no error
 
 
 # ---- sqlite store --------------------------------------------------------------------------
