@@ -1,7 +1,8 @@
-"""Quality vs sampling cost for every prior of a finished demo workdir, in one run.
+"""Quality vs sampling cost for every prior trained by the demo, in one run.
 
-For each trained prior (``DIR/runs/{ddpm,flow,ar}/export``, trained by ``latentpipe demo`` with
-the step budget of its ``--scale``) and each sampler setting below, ``training.evaluation.
+The priors are trained by ``latentpipe demo --scale SCALE --workdir DIR`` (the real stages: its
+preset is the stated training budget), run first unless DIR already holds a finished demo. For
+each trained prior (``DIR/runs/{ddpm,flow,ar}/export``) and each sampler setting below, ``training.evaluation.
 evaluate_prior`` samples the same ``--n`` held-out built-in captions (same seed) and the demo's
 scene scorer (``DIR/scorer``) reads them back:
 
@@ -11,14 +12,16 @@ scene scorer (``DIR/scorer``) reads them back:
 
 Reported per setting: caption accuracy (every attribute of the prompt recovered), per-attribute
 accuracy, the Fréchet distance to real images of the same captions in the scorer's feature space,
-and wall seconds per image on this machine (sampling + text encoding + scoring). The real images
+model evaluations per image (NFE: Heun n steps = 2n - 1; AR = one per token with the KV cache;
+guidance doubles the rows of a call, not the calls) and wall seconds per image on this machine
+(sampling + text encoding + scoring). The real images
 themselves are scored too: the scorer's ceiling, and the split-half Fréchet floor at this n.
 
 Writes ``--out`` (a table in JSON and markdown, and a PNG: caption accuracy and Fréchet distance
-against seconds per image) and logs them to the demo's MLflow store (experiment
+against model evaluations and against seconds per image) and logs them to the demo's MLflow store (experiment
 ``latentpipe-quality``).
 
-Usage: python benchmarks/quality.py --workdir DEMO_DIR [--scorer DIR] [--n 200] [--out DIR]
+Usage: python benchmarks/quality.py --workdir DIR [--scale tiny|small] [--scorer DIR] [--n 200] [--out DIR]
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -50,14 +54,23 @@ SETTINGS: dict[str, list[tuple[str, SampleOptions]]] = {
     "ar": [("ar-cfg", SampleOptions()),
            ("ar-no-cfg", SampleOptions(guidance=1.0))],
 }
-COLUMNS = ("caption_accuracy", "presence", "shape", "colour", "size", "count", "frechet", "seconds_per_image")
+COLUMNS = ("caption_accuracy", "presence", "shape", "colour", "size", "count", "frechet", "nfe",
+           "seconds_per_image")
+
+
+def nfe(family: str, options: SampleOptions, tokens: int) -> int:
+    """Model evaluations per image."""
+    if family == "ar":
+        return tokens
+    assert options.steps is not None
+    return 2 * options.steps - 1 if options.sampler == "heun" else options.steps
 
 
 def measure(workdir: Path, scorer_dir: Path, n: int, batch_size: int, families: list[str]) -> list[dict[str, Any]]:
     scorer = load_scorer(scorer_dir)
     real, attrs = scene_batch(EVAL_SEED, 0, n, scorer.cfg.size)
     rows: list[dict[str, Any]] = [{"prior": "real images", "setting": "-", **score_images(scorer, real, attrs),
-                                   "frechet": float("nan"), "seconds_per_image": float("nan")}]
+                                   "frechet": float("nan"), "nfe": float("nan"), "seconds_per_image": float("nan")}]
     for family in families:
         export = workdir / "runs" / family / "export"
         if not (export / "export.json").is_file():
@@ -71,7 +84,9 @@ def measure(workdir: Path, scorer_dir: Path, n: int, batch_size: int, families: 
             seconds = (time.perf_counter() - t0) / n
             if rows[0]["frechet"] != rows[0]["frechet"]:  # the real set's split-half floor, once
                 rows[0]["frechet"] = metrics["frechet_real_halves"]
-            row = {"prior": family, "setting": label, **metrics, "seconds_per_image": seconds}
+            grid = getattr(getattr(prior.family.cfg, "net", None), "grid", (0, 0))
+            row = {"prior": family, "setting": label, **metrics, "nfe": nfe(family, options, grid[0] * grid[1]),
+                   "seconds_per_image": seconds}
             rows.append(row)
             print(f"{family:>5} {label:<10} caption acc {row['caption_accuracy']:.3f}  "
                   f"Frechet {row['frechet']:.2f}  {seconds:.3f} s/image", file=sys.stderr, flush=True)
@@ -82,7 +97,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     head = "| prior | setting | " + " | ".join(COLUMNS) + " |"
     lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
     for r in rows:
-        cells = [f"{r[c]:.3f}" if c != "frechet" else f"{r[c]:.2f}" for c in COLUMNS]
+        cells = [f"{r[c]:.2f}" if c == "frechet" else f"{r[c]:.0f}" if c == "nfe" else f"{r[c]:.3f}" for c in COLUMNS]
         lines.append(f"| {r['prior']} | {r['setting']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -93,23 +108,24 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     colours = {"ddpm": "tab:blue", "flow": "tab:orange", "ar": "tab:green"}
-    for ax, key, label in ((axes[0], "caption_accuracy", "caption accuracy"),
-                           (axes[1], "frechet", "Fréchet distance (scorer features)")):
-        for r in rows[1:]:
-            ax.scatter(r["seconds_per_image"], r[key], color=colours[r["prior"]], s=30)
-            ax.annotate(r["setting"], (r["seconds_per_image"], r[key]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
-        ax.axhline(rows[0][key], color="grey", linestyle="--", linewidth=1,
-                   label="real images" + (" (split-half floor)" if key == "frechet" else " (scorer ceiling)"))
-        ax.set_xscale("log")
-        ax.set_xlabel("seconds per image (this machine)")
-        ax.set_ylabel(label)
-        ax.legend(fontsize=7, loc="best")
+    for i, (key, label) in enumerate((("caption_accuracy", "caption accuracy"),
+                                      ("frechet", "Fréchet distance (scorer features)"))):
+        for j, (xkey, xlabel) in enumerate((("nfe", "model evaluations per image"),
+                                            ("seconds_per_image", "seconds per image (this machine)"))):
+            ax = axes[i][j]
+            for r in rows[1:]:
+                ax.scatter(r[xkey], r[key], color=colours[r["prior"]], s=30)
+                ax.annotate(r["setting"], (r[xkey], r[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.axhline(rows[0][key], color="grey", linestyle="--", linewidth=1)
+            ax.set_xscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(label)
     for fam, c in colours.items():
-        axes[0].scatter([], [], color=c, label=fam)
-    axes[0].legend(fontsize=7, loc="best")
+        axes[0][0].scatter([], [], color=c, label=fam)
+    axes[0][0].plot([], [], color="grey", linestyle="--", label="real images (scorer ceiling / split-half floor)")
+    axes[0][0].legend(fontsize=7, loc="best")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -137,7 +153,8 @@ def log_to_mlflow(workdir: Path, out: Path, rows: list[dict[str, Any]], params: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workdir", type=Path, required=True, help="a finished `latentpipe demo` workdir")
+    ap.add_argument("--workdir", type=Path, required=True, help="the demo workdir (trained first if not finished)")
+    ap.add_argument("--scale", choices=["tiny", "small"], default="tiny", help="the demo's training budget")
     ap.add_argument("--scorer", type=Path, help="scorer folder (default WORKDIR/scorer, the demo's own)")
     ap.add_argument("--n", type=int, default=200, help="held-out prompts per setting")
     ap.add_argument("--batch-size", type=int, default=100)
@@ -146,6 +163,9 @@ def main() -> None:
     ap.add_argument("--no-mlflow", action="store_true")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not (args.workdir / "demo_summary.json").is_file():  # train: the demo's real stages at this scale
+        subprocess.run([sys.executable, "-m", "pipeline.cli", "demo", "--scale", args.scale, "--workdir",
+                        str(args.workdir)], check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     out = args.out or args.workdir / "quality"
     out.mkdir(parents=True, exist_ok=True)
     summary = args.workdir / "demo_summary.json"
