@@ -16,7 +16,7 @@ from PIL import Image
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
 
-SIZES = ["samples=160", "samples_per_shard=40", "ae_steps=6", "prior_steps=6", "batch_size=8",
+SIZES = ["samples=160", "samples_per_shard=40", "ae_steps=6", "prior_steps=6", "ar_steps=6", "batch_size=8",
          "scorer_steps=20", "eval_n=8"]
 
 
