@@ -127,7 +127,8 @@ def train() -> None:
                                                      h=grid, w=grid, text_dim=text_dim, max_len=max_len,
                                                      codebook=codebook)
             for precision in PRECISIONS:
-                torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
+                if torch.cuda.is_available():
+                    torch.cuda.reset_peak_memory_stats()
                 cfg = load_config(TrainConfig, ROOT / "configs" / config, [
                     f"data.shards={shard_sets[key]}", f"data.batch_size={batch}", "data.num_workers=2",
                     f"steps={warmup + steps}", "eval_every=0", "sample_every=0", "log_every=1",
@@ -148,7 +149,7 @@ def train() -> None:
                        losses_finite=all(map(lambda v: v == v and abs(v) != float("inf"), result.losses)),
                        first_loss=round(result.losses[0], 4), last_loss=round(result.losses[-1], 4),
                        backend=dist.get_backend(), run_s=round(wall, 1))
-                torch.cuda.empty_cache() if torch.cuda.is_available() else None
+                torch.cuda.empty_cache()  # a no-op without CUDA
 
 
 # ----------------------------------------------------------------------------- encode
@@ -232,7 +233,7 @@ def sample() -> None:
             record("sample", prior=label, steps=steps, batch=b, precision=precision, cfg=True,
                    latents_per_s=round(b / dt, 2), s_per_batch=round(dt, 2))
         del model
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        torch.cuda.empty_cache()  # a no-op without CUDA
 
     from training.ar_sampling import ARSampleConfig, sample_tokens
 
@@ -312,7 +313,7 @@ def plain() -> None:
                top_ops=[(e.key[:60], round((e.self_device_time_total if device.type == "cuda"
                                            else e.self_cpu_time_total) / 1e3, 2)) for e in top])
         del modules, opt
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        torch.cuda.empty_cache()  # a no-op without CUDA
 
 
 def main() -> None:

@@ -169,14 +169,14 @@ def main() -> None:
     out = args.out or args.workdir / "quality"
     out.mkdir(parents=True, exist_ok=True)
     summary = args.workdir / "demo_summary.json"
-    steps = json.loads(summary.read_text()).get("config", {}) if summary.is_file() else {}
+    demo_cfg = json.loads(summary.read_text()).get("config", {}) if summary.is_file() else {}
     params = {"n": args.n, "seed": EVAL_SEED, "threads": torch.get_num_threads(), "workdir": str(args.workdir),
               "load_average_start": round(os.getloadavg()[0], 1)}
     scorer = args.scorer or args.workdir / "scorer"
     params["scorer"] = str(scorer)
     rows = measure(args.workdir, scorer, args.n, args.batch_size, args.families.split(","))
     params["load_average_end"] = round(os.getloadavg()[0], 1)
-    (out / "quality.json").write_text(json.dumps({"params": params, "demo_config": steps, "rows": rows}, indent=2))
+    (out / "quality.json").write_text(json.dumps({"params": params, "demo_config": demo_cfg, "rows": rows}, indent=2))
     table = markdown(rows)
     (out / "quality.md").write_text(table + "\n")
     plot(rows, out / "quality.png", f"{args.workdir.name}: n={args.n} held-out prompts; "

@@ -66,7 +66,7 @@ SCALES: dict[str, dict[str, int]] = {
     # 6.8 of them the AR prior; 200 / 300 / 120 is the budget that fits.
     "tiny": {"samples": 2000, "samples_per_shard": 250, "ae_steps": 200, "prior_steps": 300, "ar_steps": 120,
              "batch_size": 32, "scorer_steps": 600, "eval_n": 64},
-    # small: long enough for the evaluation's quality goals (hours on a CPU, minutes on a GPU).
+    # small: the budget meant for the evaluation's quality goals (hours on a CPU; not yet verified).
     "small": {"samples": 20000, "samples_per_shard": 1000, "ae_steps": 4000, "prior_steps": 6000, "ar_steps": 6000,
               "batch_size": 64, "scorer_steps": 2000, "eval_n": 500},
 }

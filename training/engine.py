@@ -33,7 +33,7 @@ from training.config import TrainConfig
 from training.data import DataConfig, ShardStream
 from training.ema import ShardedEMA
 from training.export import consolidated_state_dict, save_export
-from training.families import Family, family_from_config, model_config_dict
+from training.families import Family, family_for_data, model_config_dict
 from training.throughput import flops_per_sample, mfu, peak_flops
 from training.tracking import Tracker
 from training.zero import DistInfo, build_engines, build_modules, setup_distributed, uses_fp32_partitions
@@ -108,10 +108,7 @@ class Trainer:
         self.di = dist_info or setup_distributed(cfg.deepspeed.backend)
         self.workdir = Path(cfg.workdir)
         self.ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.workdir / "checkpoints"
-        self.family: Family = family_from_config(cfg.model)
-        if self.family.data_kind != cfg.data.kind:
-            raise ConfigError(f"data.kind: family {self.family.name!r} trains on {self.family.data_kind}, "
-                              f"got {cfg.data.kind!r}")
+        self.family: Family = family_for_data(cfg.model, cfg.data.kind)
         self.resume_from = self._find_resume()
         self.stream = ShardStream(cfg.data, self.di.rank, self.di.world_size)
         prev_world = int(self.resume_from.state["world_size"]) if self.resume_from else self.di.world_size

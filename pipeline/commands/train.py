@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from training.config import TrainConfig
-    from training.families import family_from_config
+    from training.families import family_for_data
     from training.launch import LaunchOptions, launch
 
     cfg = resolve_config(TrainConfig, args, {"resume": True if args.resume else None})
@@ -34,9 +34,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not cfg.data.shards:
         raise UserError("data.shards is required (a folder of shard-*.tar, or a glob of tars)")
-    family = family_from_config(cfg.model)  # bad model keys fail here, once, not on every rank
-    if family.data_kind != cfg.data.kind:
-        raise UserError(f"data.kind: family {family.name!r} trains on {family.data_kind}, got {cfg.data.kind!r}")
+    family_for_data(cfg.model, cfg.data.kind)  # bad model keys or data kind fail here, once, not on every rank
     opts = LaunchOptions(launcher=args.launcher, nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
                          master_addr=args.master_addr, master_port=args.master_port, hostfile=args.hostfile)
     if opts.nproc < 1 or opts.nnodes < 1:

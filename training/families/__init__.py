@@ -80,6 +80,14 @@ def family_from_config(model: Mapping[str, Any]) -> Family:
     return cls(cfg)
 
 
+def family_for_data(model: Mapping[str, Any], data_kind: str) -> Family:
+    """``family_from_config(model)``, checked to train on ``data_kind`` shards (a ConfigError if not)."""
+    family = family_from_config(model)
+    if family.data_kind != data_kind:
+        raise ConfigError(f"data.kind: family {family.name!r} trains on {family.data_kind}, got {data_kind!r}")
+    return family
+
+
 def model_config_dict(family: Family) -> dict[str, Any]:
     """The resolved ``model:`` section of ``family`` (with ``kind``), as plain data."""
     return {"kind": family.name, **to_dict(family.cfg)}
