@@ -95,6 +95,7 @@ def _load(name: str) -> ModuleType:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser; its subcommand parsers are kept in ``parser.subcommands`` (name -> parser)."""
     parser = _Parser(
         prog="latentpipe",
         description="Shard image-caption data, precompute latents, and train text-to-image priors.",
@@ -104,14 +105,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"latentpipe {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    subcommands: dict[str, argparse.ArgumentParser] = {}
+    parser.set_defaults(_subcommands=subcommands)
     for modname in SUBCOMMANDS:
         mod = _load(modname)
-        p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.__doc__)
+        p = subcommands[mod.NAME] = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.__doc__)
         p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                        help="debug logs and full tracebacks")
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
     return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv``; a subcommand's positionals (``key=value`` overrides) may follow or sit among
+    its flags (``train cfg.yaml --nproc 2 steps=100``): argparse's intermixed parsing, per subcommand
+    (``parse_intermixed_args`` does not take a parser with subcommands itself)."""
+    args, extras = parser.parse_known_args(argv)
+    if not extras:
+        return args
+    command = getattr(args, "command", None)
+    if command is None:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    tokens = list(sys.argv[1:] if argv is None else argv)
+    sub_args = args._subcommands[command].parse_intermixed_args(tokens[tokens.index(command) + 1:])
+    vars(args).update(vars(sub_args))
+    return args
 
 
 def setup_logging(verbose: bool) -> None:
@@ -125,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never fetch weights at run time
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # quiet by default
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     verbose = bool(getattr(args, "verbose", False))
     setup_logging(verbose)
     if not hasattr(args, "_run"):

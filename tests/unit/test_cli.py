@@ -75,3 +75,29 @@ def test_print_config(tmp_path: Path) -> None:
     assert r.returncode == 0
     assert "n: 7" in r.stdout
     assert not (tmp_path / "o").exists()
+
+
+def test_overrides_after_flags_in_any_order(tmp_path: Path) -> None:
+    """Dotted overrides may follow or sit among a subcommand's flags (intermixed parsing)."""
+    cfg = Path(__file__).resolve().parents[2] / "configs/train_toy.yaml"
+    r = cli("train", str(cfg), "--nproc", "2", "steps=17", "--print-config", "data.batch_size=3", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "steps: 17" in r.stdout and "batch_size: 3" in r.stdout
+    r = cli("synth", "--out", "o", "n=5", "--print-config", "--size", "64", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "n: 5" in r.stdout and "size: 64" in r.stdout
+    r = cli("train", str(cfg), "--nproc", "2", "steps=17", "--frobnicate", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "unrecognized arguments: --frobnicate" in r.stderr
+
+
+def test_every_subcommand_parses_intermixed() -> None:
+    """Every subcommand with ``key=value`` positionals takes them after a flag (in-process parser)."""
+    from pipeline.cli import build_parser, parse_args
+
+    parser = build_parser()
+    with_items = [name for name, sub in parser._defaults["_subcommands"].items()
+                  if any(a.dest == "items" for a in sub._actions)]
+    assert {"synth", "shard", "encode", "train", "demo"} <= set(with_items)
+    for name in with_items:
+        args = parse_args(parser, [name, "a=1", "--print-config", "b.c=2"])
+        assert args.command == name and args.items == ["a=1", "b.c=2"] and args.print_config
