@@ -24,20 +24,25 @@ def _fmt_eta(seconds: float) -> str:
 
 
 class Progress:
-    """A counter of ``total`` units with rate and ETA; ``extra`` rates (e.g. samples/s) optional."""
+    """A counter of ``total`` units with rate and ETA; ``extra`` rates (e.g. samples/s) optional.
+
+    ``initial`` units were done before (a resumed run): they count towards ``n``, not the rate.
+    ``fields`` (set with ``set_fields``) are shown as ``name value`` after the rates.
+    """
 
     def __init__(self, total: int | None, desc: str, unit: str = "it", interval: float = 10.0,
-                 enabled: bool = True) -> None:
+                 enabled: bool = True, initial: int = 0) -> None:
         self.total, self.desc, self.unit, self.interval = total, desc, unit, interval
-        self.n = 0
+        self.n = self.initial = initial
         self.counters: dict[str, float] = {}
+        self.fields: dict[str, str] = {}
         self.start = self._last_log = time.monotonic()
         self._bar: Any = None
         self.enabled = enabled
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=True)
+            self._bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=True, initial=initial)
 
     def update(self, n: int = 1, **counters: float) -> None:
         """Advance by ``n`` units; ``counters`` are running totals shown as rates (e.g. samples=...)."""
@@ -48,13 +53,20 @@ class Progress:
             return
         if self._bar is not None:
             self._bar.update(n)
-            if self.counters:
-                self._bar.set_postfix_str(self._rates(), refresh=False)
+            if self.counters or self.fields:
+                self._bar.set_postfix_str(", ".join(filter(None, [self._rates(), self._fields()])), refresh=False)
             return
         now = time.monotonic()
         if now - self._last_log >= self.interval or (self.total is not None and self.n >= self.total):
             self._last_log = now
             log.info("%s", self.line())
+
+    def set_fields(self, **fields: str) -> None:
+        """Values shown with the next line or bar refresh (e.g. loss="0.123")."""
+        self.fields.update(fields)
+
+    def _fields(self) -> str:
+        return ", ".join(f"{k} {v}" for k, v in self.fields.items())
 
     def _rates(self) -> str:
         dt = max(time.monotonic() - self.start, 1e-9)
@@ -63,11 +75,14 @@ class Progress:
     def line(self) -> str:
         dt = max(time.monotonic() - self.start, 1e-9)
         done = f"{self.n}/{self.total}" if self.total is not None else f"{self.n}"
-        parts = [f"{self.desc}: {done} {self.unit}", f"{self.n / dt:,.2f} {self.unit}/s"]
+        done_here = self.n - self.initial
+        parts = [f"{self.desc}: {done} {self.unit}", f"{done_here / dt:,.2f} {self.unit}/s"]
         if self.counters:
             parts.append(self._rates())
-        if self.total is not None and self.n:
-            parts.append(f"ETA {_fmt_eta((self.total - self.n) * dt / self.n)}")
+        if self.fields:
+            parts.append(self._fields())
+        if self.total is not None and done_here:
+            parts.append(f"ETA {_fmt_eta((self.total - self.n) * dt / done_here)}")
         return ", ".join(parts)
 
     def close(self) -> None:

@@ -104,7 +104,9 @@ class TrainConfig:
     steps: int = 1000  # optimizer steps in the whole run
     eval_every: int = 0  # steps between evaluations on a fixed batch (0 = off)
     sample_every: int = 0  # steps between sample grids (Family.log_images) (0 = off)
-    log_every: int = 1  # steps between metric logs
+    log_every: int = 1  # steps between metric logs (losses stay on the device in between)
+    progress_interval: float = 30.0  # seconds between progress lines when stderr is not a terminal
+    compile: bool = False  # torch.compile the DeepSpeed engines' modules
     eval_shards: str = ""  # shards of the fixed eval batch (default: data.shards)
     workdir: str = "runs/train"
     seed: int = 0  # model init and torch/numpy/python RNG (the data order has data.seed)

@@ -108,12 +108,16 @@ class ShardedEMA:
         self.mode, frags = master_fragments(engine)
         self.meta = {f.name: (f.start, f.numel, f.full_numel, f.shape) for f in frags}
         self.shadow: dict[str, torch.Tensor] = {}
+        self._frags: list[Fragment] | None = None
 
-    def _sources(self) -> list[Fragment]:
-        # Re-read every time: DeepSpeed may rebind its flat partitions on a checkpoint load.
-        mode, frags = master_fragments(self.engine)
-        assert mode == self.mode
-        return frags
+    def _sources(self, refresh: bool = False) -> list[Fragment]:
+        """The master fragments, read once and cached for ``update()``; ``start()`` and ``load()``
+        re-read them (DeepSpeed may rebind its flat partitions when it loads a checkpoint)."""
+        if refresh or self._frags is None:
+            mode, frags = master_fragments(self.engine)
+            assert mode == self.mode
+            self._frags = frags
+        return self._frags
 
     def local_numel(self) -> int:
         return sum(t.numel() for t in self.shadow.values())
@@ -121,7 +125,7 @@ class ShardedEMA:
     @torch.no_grad()
     def start(self) -> None:
         """Begin averaging: the EMA becomes a copy of the current fp32 master fragments."""
-        self.shadow = {f.name: f.source.detach().float().clone() for f in self._sources()}
+        self.shadow = {f.name: f.source.detach().float().clone() for f in self._sources(refresh=True)}
         self.started = True
         self.updates = 0
 
@@ -159,7 +163,7 @@ class ShardedEMA:
         if not files:
             raise FileNotFoundError(f"no EMA shards in {folder}")
         shadow = {f.name: torch.full((f.numel,), float("nan"), dtype=torch.float32)
-                  for f in self._sources()}
+                  for f in self._sources(refresh=True)}
         for path in files:
             with safe_open(str(path), framework="pt") as fh:
                 stored = json.loads((fh.metadata() or {}).get("fragments", "{}"))

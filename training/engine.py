@@ -2,13 +2,20 @@
 
 One optimizer step = ``grad_accum`` micro-batches; the data stream's position is a global
 sample count, so a resume (at any world size with the same global batch) reads exactly the
-samples an uninterrupted run would have. Per step, for each part in ``family.parts(step)``
-and each micro-batch: ``loss = family.loss(...)``, one all-reduce of (loss, non-finite flag),
-``engine.backward(loss)``, ``engine.step()``. A non-finite loss anywhere makes every rank
-drop that part's step (DeepSpeed's own overflow path under ZeRO/bf16/fp16; gradients
-cleared before the step otherwise), is counted, and stops the run under ``nonfinite: stop``.
-SIGTERM (preemption) is noticed by all ranks at the next step boundary (a MAX all-reduce):
-they save a checkpoint and return normally, so the process exits 0.
+samples an uninterrupted run would have. Per step, for each part in ``family.parts(step)``:
+``loss = family.loss(...)`` and ``engine.backward(loss)`` per micro-batch, one all-reduce of
+(loss sum, non-finite count) as a device tensor, ``engine.step()``. Losses, logs and the
+non-finite flag stay on the device between log points (every ``log_every`` steps, before a
+checkpoint and at the end): the host reads them there in one transfer, so the loop itself
+never waits for the device. A non-finite loss anywhere makes every rank drop that part's step
+exactly (no change to weights, Adam moments or Adam's step count): the flag is the fused
+AdamW's ``found_inf`` (a skip on the device), or DeepSpeed's own overflow path where it checks
+itself (ZeRO-3, fp16); the LR schedule advances with the step count either way. The skip is
+counted and warned about at the next log point, which stops the run under ``nonfinite: stop``
+(or after ``max_nonfinite`` skips) before anything after the bad step is checkpointed.
+SIGTERM (preemption) is noticed by all ranks at a step boundary (a MAX all-reduce, read one
+step later so it never stalls the device): they save a checkpoint and return normally, so the
+process exits 0.
 """
 
 from __future__ import annotations
@@ -34,9 +41,19 @@ from training.data import DataConfig, ShardStream
 from training.ema import ShardedEMA
 from training.export import consolidated_state_dict, save_export
 from training.families import Family, family_for_data, model_config_dict
+from training.monitor import TrainMonitor
 from training.throughput import flops_per_sample, mfu, peak_flops
 from training.tracking import Tracker
-from training.zero import DistInfo, build_engines, build_modules, setup_distributed, uses_fp32_partitions
+from training.zero import (
+    DistInfo,
+    build_engines,
+    build_modules,
+    effective_stage,
+    setup_distributed,
+    step_optimizer,
+    trainer_clips,
+    uses_fp32_partitions,
+)
 
 log = logging.getLogger("latentpipe.train")
 
@@ -75,6 +92,55 @@ class _StopFlag:
     def uninstall(self) -> None:
         if self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
+
+
+@dataclass
+class _Pending:
+    """One step's results, still on the device until the next log point."""
+
+    step: int
+    logs: dict[str, Any]  # 0-dim tensors or floats
+    bad: torch.Tensor
+    dt: float
+    t_data: float
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.bad, *(v for v in self.logs.values() if isinstance(v, torch.Tensor))]
+
+    def read(self, values: Iterator[float]) -> tuple[dict[str, float], bool]:
+        """The host values, taken from ``values`` in ``tensors()`` order."""
+        bad = next(values) > 0
+        logs = {k: next(values) if isinstance(v, torch.Tensor) else float(v) for k, v in self.logs.items()}
+        if bad:  # a skipped step has no gradient norm
+            logs = {k: v for k, v in logs.items() if not k.startswith("grad_norm/")}
+        return logs, bad
+
+
+class _StopPoll:
+    """All ranks agree on a SIGTERM without stalling the device: the flags are all-reduced (MAX) at
+    the end of step N and read at the end of step N+1 (one rank: the flag itself, no collective)."""
+
+    def __init__(self, flag: _StopFlag, device: torch.device, world_size: int) -> None:
+        self.flag, self.device, self.world_size = flag, device, world_size
+        self._prev: tuple[torch.Tensor, Any] | None = None
+
+    def check(self) -> bool:
+        if self.world_size == 1:
+            return self.flag.set
+        prev = self._prev
+        t = torch.tensor([1.0 if self.flag.set else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        event = None
+        if t.is_cuda:
+            t = t.to("cpu", non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        self._prev = (t, event)
+        if prev is None:
+            return False
+        if prev[1] is not None:
+            prev[1].synchronize()
+        return bool(prev[0][0] > 0)
 
 
 def _git_commit() -> str:
@@ -123,13 +189,18 @@ class Trainer:
         t_engines = time.perf_counter()
         self.tracker = Tracker(cfg.tracking, self.workdir, active=self.di.rank == 0, resume=cfg.resume)
         log.info("rank %d/%d: %s, %d part(s), ZeRO-%d %s, ready in %.1fs (tracker %.1fs)", self.di.rank,
-                 self.di.world_size, self.family.name, len(self.engines), cfg.deepspeed.zero_stage,
+                 self.di.world_size, self.family.name, len(self.engines), effective_stage(cfg, self.di.world_size),
                  cfg.deepspeed.precision, time.perf_counter() - t0, time.perf_counter() - t_engines)
         self.step = 0
         self.nonfinite = 0
         self._flops: float | None = None
         self._eval_batch: dict[str, Any] | None = None
         self._start_step = 0
+        self._clip = cfg.optim.grad_clip if trainer_clips(cfg, self.di.world_size) else 0.0
+        self._norms: dict[str, torch.Tensor] = {}  # per part: the norm the trainer clipped with
+        self._expect_skip: dict[str, bool] = {}
+        self._pending: list[_Pending] = []
+        self._registered: str | None = None
 
     # -- resume ----------------------------------------------------------------------------------
 
@@ -249,7 +320,8 @@ class Trainer:
                     ident = e["identity"]
                     tags[f"encoder.{role}"] = f"{ident.get('source', '?')}@{str(ident.get('sha256', ''))[:12]}"
                 # "latest" is reserved by MLflow (models:/name/latest); "final" names the end-of-run export.
-                self.tracker.register_model(out, self.cfg.tracking.register_as, tags=tags, aliases=("final",))
+                self._registered = self.tracker.register_model(out, self.cfg.tracking.register_as, tags=tags,
+                                                               aliases=("final",))
         if dist.is_initialized():
             dist.barrier()
         return out
@@ -275,7 +347,9 @@ class Trainer:
             logs = self.family.evaluate(self.modules, self._fixed_batch(), s)
             keys = sorted(logs)
             vals = _allreduce([float(logs[k]) for k in keys], self.di.device)
-            self.tracker.log_metrics({f"eval/{k}": v / self.di.world_size for k, v in zip(keys, vals)}, step=s)
+            metrics = {f"eval/{k}": v / self.di.world_size for k, v in zip(keys, vals)}
+            self.tracker.log_metrics(metrics, step=s)
+            self.monitor.evaluated(metrics, s)
             for e in self.engines.values():
                 e.train()
         if cfg.sample_every and s % cfg.sample_every == 0:
@@ -287,49 +361,77 @@ class Trainer:
             for e in self.engines.values():
                 e.train()
 
-    def _train_step(self, batches: list[dict[str, Any]]) -> tuple[dict[str, float], bool]:
-        """One optimizer step of every part on ``batches`` (the micro-batches)."""
-        logs: dict[str, float] = {}
-        any_bad = False
+    def _train_step(self, batches: list[dict[str, Any]]) -> tuple[dict[str, Any], torch.Tensor]:
+        """One optimizer step of every part on ``batches`` (the micro-batches).
+
+        Returns the logs (0-dim device tensors or floats) and the step's non-finite flag (a 0-dim
+        bool on the device); nothing here reads a device value on the host, unless an engine's
+        step cannot be skipped on the device (``step_optimizer`` is None at ZeRO-0).
+        """
+        logs: dict[str, Any] = {}
+        any_bad: torch.Tensor | None = None
+        n = len(batches)
         for part in self.family.parts(self.step):
             engine = self.engines[part]
             # Other parts go in unwrapped: a DeepSpeed engine's forward hooks its outputs into the
             # *caller's* backward, which would run that engine's gradient epilogue (ZeRO-3 still
             # gathers their parameters: its hooks sit on the module itself).
             modules = {k: (e if k == part else e.module) for k, e in self.engines.items()}
-            total, bad = 0.0, False
-            extra_sums: dict[str, float] = {}
+            stats = torch.zeros(2, dtype=torch.float32, device=self.di.device)  # (finite loss sum, bad count)
+            extra_sums: dict[str, Any] = {}
             for i, batch in enumerate(batches):
                 loss, extra = self.family.loss(part, modules, batch, self.step)
-                value = float(loss.detach().float())
-                finite = bool(torch.isfinite(loss.detach()).all())
-                red = _allreduce([value if finite else 0.0, 0.0 if finite else 1.0], self.di.device)
-                bad = bad or red[1] > 0
-                total += red[0] / self.di.world_size
+                value = loss.detach().float()
+                finite = torch.isfinite(value)
+                stats += torch.stack([torch.where(finite, value, 0.0), (~finite).float()])
                 for k, v in extra.items():
-                    extra_sums[k] = extra_sums.get(k, 0.0) + float(v) / len(batches)
+                    v = v.detach().float() if isinstance(v, torch.Tensor) else float(v)
+                    extra_sums[k] = extra_sums.get(k, 0.0) + v / n
                 engine.backward(loss)
+                if i == n - 1:
+                    if self.di.world_size > 1:
+                        dist.all_reduce(stats)  # a device collective: no host read
+                    bad = stats[1] > 0
+                    if self._prepare_step(part, engine, bad):
+                        engine.micro_steps += 1
+                        engine.skipped_steps += 1
+                        continue
                 skipped_before = engine.skipped_steps
-                if bad and i == len(batches) - 1 and not uses_fp32_partitions(engine):
-                    # Plain torch optimizer (ZeRO-0, fp32): no overflow check in DeepSpeed, so drop
-                    # the gradients and skip its step the way DeepSpeed skips an overflowed one
-                    # (the micro-step counter advances; no optimizer or LR-scheduler step).
-                    engine.optimizer.zero_grad(set_to_none=True)
-                    engine.micro_steps += 1
-                    engine.skipped_steps += 1
-                    continue
                 engine.step()
-                if bad and i == len(batches) - 1 and uses_fp32_partitions(engine) \
-                        and engine.skipped_steps == skipped_before:
+                if engine.skipped_steps != skipped_before and engine.lr_scheduler is not None:
+                    engine.lr_scheduler.step()  # DeepSpeed skipped it itself: the schedule follows the step count
+                elif i == n - 1 and self._expect_skip.pop(part, False):
                     raise NonFiniteLossError(f"part {part!r}: DeepSpeed applied a step with a non-finite loss")
-            any_bad = any_bad or bad
-            logs[f"loss/{part}"] = float("nan") if bad else total / len(batches)
+            any_bad = bad if any_bad is None else any_bad | bad
+            logs[f"loss/{part}"] = torch.where(bad, float("nan"), stats[0] / (self.di.world_size * n))
             logs.update({f"{part}/{k}": v for k, v in extra_sums.items()})
             logs[f"lr/{part}"] = float(engine.get_lr()[0])
-            norm = engine.get_global_grad_norm()
-            if norm is not None and not bad:
-                logs[f"grad_norm/{part}"] = float(norm)
+            norm = self._norms.pop(part, None)
+            if norm is None:
+                norm = engine.get_global_grad_norm()
+            if norm is not None:
+                logs[f"grad_norm/{part}"] = norm
+        assert any_bad is not None
         return logs, any_bad
+
+    def _prepare_step(self, part: str, engine: Any, bad: torch.Tensor) -> bool:
+        """Before the boundary ``engine.step()``: arm the device-side skip and clip where the trainer
+        clips. Returns True when the step must be dropped here instead (the host-read fallback)."""
+        opt = step_optimizer(engine)
+        if opt is not None:
+            opt.found_inf = bad.float()  # type: ignore[attr-defined]  # fused AdamW: no update when 1
+            if self._clip:
+                params = [p for p in engine.module.parameters() if p.grad is not None]
+                self._norms[part] = torch.nn.utils.clip_grad_norm_(params, self._clip, foreach=True)
+            return False
+        # No device-side skip (e.g. an optimizer from a DeepSpeed config file): read the flag here.
+        if not bool(bad):
+            return False
+        if uses_fp32_partitions(engine):
+            self._expect_skip[part] = True  # DeepSpeed's overflow check drops it (checked after the step)
+            return False
+        engine.optimizer.zero_grad(set_to_none=True)
+        return True
 
     def _next_batches(self, it: Iterator[dict[str, Any]]) -> list[dict[str, Any]]:
         out = []
@@ -364,13 +466,16 @@ class Trainer:
                                "data_fingerprint": self.stream.fingerprint})
         gas = cfg.deepspeed.grad_accum
         it = self.stream.batches(start_sample=self.step * gas * self.stream.samples_per_step)
-        losses: list[float] = []
-        times: list[float] = []
-        waits: list[float] = []
+        self._result = TrainResult(self.step, False, None, None, self.nonfinite)
         last_ckpt: Path | None = None
         stopped = False
         peak = peak_flops(di.device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
             cfg.deepspeed.precision, torch.float32))
+        samples = cfg.data.batch_size * gas * di.world_size
+        self.monitor = TrainMonitor(cfg.steps, self.step, samples, cfg.progress_interval, di.device,
+                                    enabled=di.rank == 0)
+        poll = _StopPoll(self.stop, di.device, di.world_size)
+        t_start = time.perf_counter()
         try:
             while self.step < cfg.steps:
                 if self.ema is not None and not self.ema.started and self.step >= cfg.ema.start_step:
@@ -397,34 +502,25 @@ class Trainer:
                     logs, bad = holder["r"]
                 else:
                     logs, bad = self._train_step(batches)
-                if bad:
-                    self.nonfinite += 1
-                    log.warning("step %d: non-finite loss, step skipped (%d so far)", self.step, self.nonfinite)
-                    if cfg.nonfinite == "stop" or self.nonfinite >= cfg.max_nonfinite:
-                        raise NonFiniteLossError(f"non-finite loss at step {self.step} "
-                                                 f"({self.nonfinite} non-finite steps; policy {cfg.nonfinite})")
                 self.step += 1
                 if self.ema is not None and self.ema.started and self.step % cfg.ema.every == 0:
                     self.ema.update()
                 dt = time.perf_counter() - t0
-                losses.append(logs.get("loss/model", float("nan")))
-                times.append(dt)
-                waits.append(t_data)
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    sps = cfg.data.batch_size * gas * di.world_size / dt
-                    logs.update({"samples_per_s": sps, "data_wait": t_data / dt, "step_time": dt,
-                                 "nonfinite_steps": float(self.nonfinite)})
-                    if peak and self._flops:
-                        logs["mfu"] = mfu(sps, self._flops, peak, di.world_size)
-                    self.tracker.log_metrics(logs, step=self.step)
-                self._hooks()
-                stop_now = _allreduce([1.0 if self.stop.set else 0.0], di.device, dist.ReduceOp.MAX)[0] > 0
+                self._pending.append(_Pending(self.step - 1, logs, bad, dt, t_data))
+                self.monitor.step(dt, t_data)
                 every = cfg.checkpoint.every_steps
-                if stop_now or (every and self.step % every == 0 and self.step < cfg.steps):
+                save_now = bool(every and self.step % every == 0 and self.step < cfg.steps)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps or save_now:
+                    self._flush(peak, samples)
+                self._hooks()
+                stop_now = poll.check()
+                if stop_now or save_now:
+                    self._flush(peak, samples)
                     last_ckpt = self.save()
                 if stop_now:
                     stopped = True
                     break
+            self._flush(peak, samples)
             export = None
             if not stopped:
                 latest = ckpt.latest_complete(self.ckpt_root)
@@ -434,15 +530,49 @@ class Trainer:
                     export = str(self.export())
             # A preempted job has a short grace period: unsent tracking events stay in the spool.
             self.tracker.close("KILLED" if stopped else "FINISHED", timeout=5.0 if stopped else 30.0)
-            return TrainResult(self.step, stopped, str(last_ckpt) if last_ckpt else None, export,
-                               self.nonfinite, losses, times, waits)
+            res = self._result
+            res.step, res.stopped_by_signal, res.nonfinite_steps = self.step, stopped, self.nonfinite
+            res.checkpoint, res.export = (str(last_ckpt) if last_ckpt else None), export
+            self.monitor.summary(self.step - self._start_step, time.perf_counter() - t_start, self.nonfinite,
+                                 export, self._registered)
+            return res
         except BaseException:
             self.tracker.close("FAILED")
             raise
         finally:
+            self.monitor.close()
             self.stop.uninstall()
             del it
 
+    def _flush(self, peak: float | None, samples: int) -> None:
+        """Read the steps since the last log point from the device (one transfer), count and warn
+        about skipped steps, apply the non-finite policy, and log the last step's metrics."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        tensors = [t for p in pending for t in p.tensors()]
+        values = iter(torch.stack([t.detach().float().reshape(()) for t in tensors]).tolist() if tensors else [])
+        cfg, res = self.cfg, self._result
+        for p in pending:
+            logs, bad = p.read(values)
+            res.losses.append(logs.get("loss/model", float("nan")))
+            res.step_times.append(p.dt)
+            res.data_waits.append(p.t_data)
+            if bad:
+                self.nonfinite += 1
+                log.warning("step %d: non-finite loss, step skipped (%d so far)", p.step, self.nonfinite)
+                if cfg.nonfinite == "stop" or self.nonfinite >= cfg.max_nonfinite:
+                    raise NonFiniteLossError(f"non-finite loss at step {p.step} "
+                                             f"({self.nonfinite} non-finite steps; policy {cfg.nonfinite})")
+        last = pending[-1]
+        sps = samples / last.dt
+        logs.update({"samples_per_s": sps, "data_wait": last.t_data / last.dt, "step_time": last.dt,
+                     "nonfinite_steps": float(self.nonfinite)})
+        if peak and self._flops:
+            logs["mfu"] = mfu(sps, self._flops, peak, self.di.world_size)
+        if last.step + 1 == self.step and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+            self.tracker.log_metrics(logs, step=self.step)
+        self.monitor.logged(logs, self._flops, peak, self.di.world_size)
 
 def train_loop(cfg: TrainConfig) -> TrainResult:
     """Train on this rank (the process group comes from the environment)."""

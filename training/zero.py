@@ -3,6 +3,14 @@
 ZeRO (Rajbhandari et al. 2020) stage 0-3, optimizer/parameter offload, bf16/fp16/fp32,
 gradient accumulation and clipping come from ``TrainConfig.deepspeed``/``optim``; the LR
 schedule is DeepSpeed's ``WarmupCosineLR`` (linear warmup, cosine decay to a floor).
+
+Settings per world size and precision (``effective_stage``, ``ds_config``): ZeRO-2 at one rank
+runs as ZeRO-1 (nothing to partition gradients across; stage 1 keeps the same checkpoint
+format, so a rescale to more ranks still resumes through DeepSpeed's universal checkpoint);
+DeepSpeed's synchronized throughput timer is off; the optimizer is torch's fused AdamW built
+here (``client_optimizer``), which skips a step on the device when the trainer sets its
+``found_inf`` flag, so bf16's per-tensor overflow check is off where that flag guards the step;
+at ZeRO-0 in fp32 the trainer clips with torch's multi-tensor norm instead of DeepSpeed's loop.
 """
 
 from __future__ import annotations
@@ -59,11 +67,23 @@ def setup_distributed(backend: str = "auto") -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, dist.get_backend())
 
 
+def effective_stage(cfg: TrainConfig, world_size: int) -> int:
+    """The ZeRO stage the engines run: ZeRO-2 at one rank is ZeRO-1 (no gradients to partition)."""
+    stage = cfg.deepspeed.zero_stage
+    return 1 if stage == 2 and world_size == 1 and not cfg.deepspeed.offload_optimizer else stage
+
+
+def trainer_clips(cfg: TrainConfig, world_size: int) -> bool:
+    """True when the trainer clips the gradients itself (ZeRO-0 in fp32: DeepSpeed's loop replaced
+    by torch's multi-tensor ``clip_grad_norm_``; gradients are already all-reduced after backward)."""
+    return effective_stage(cfg, world_size) == 0 and cfg.deepspeed.precision == "fp32" and cfg.optim.grad_clip > 0
+
+
 def ds_config(cfg: TrainConfig, part: str, world_size: int, universal: bool = False) -> dict[str, Any]:
     """The DeepSpeed config dict of one part's engine."""
     ds, opt = cfg.deepspeed, cfg.optim
     on_gpu = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
-    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    zero: dict[str, Any] = {"stage": effective_stage(cfg, world_size)}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     if ds.offload_params:
@@ -73,7 +93,7 @@ def ds_config(cfg: TrainConfig, part: str, world_size: int, universal: bool = Fa
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": ds.grad_accum,
         "train_batch_size": cfg.data.batch_size * ds.grad_accum * world_size,
-        "gradient_clipping": opt.grad_clip,
+        "gradient_clipping": 0.0 if trainer_clips(cfg, world_size) else opt.grad_clip,
         "zero_optimization": zero,
         "optimizer": {"type": "AdamW", "params": {
             "lr": opt.part_lr.get(part, opt.lr), "betas": list(opt.betas), "eps": opt.eps,
@@ -85,11 +105,14 @@ def ds_config(cfg: TrainConfig, part: str, world_size: int, universal: bool = Fa
             "total_num_steps": max(cfg.steps, warmup + 1), "warmup_num_steps": warmup,
             "warmup_type": "linear", "warmup_min_ratio": 0.0 if opt.warmup_steps else 1.0,
             "cos_min_ratio": opt.min_lr_ratio}},
-        "bf16": {"enabled": ds.precision == "bf16"},
+        # The fused AdamW's found_inf flag (set by the trainer) skips a non-finite step on the
+        # device, so DeepSpeed's per-tensor bf16 overflow check (a host sync) is not needed.
+        "bf16": {"enabled": ds.precision == "bf16", "check_grad_overflow": bool(ds.offload_optimizer)},
         "fp16": {"enabled": ds.precision == "fp16", "initial_scale_power": 16},
         "checkpoint": {"load_universal": universal},
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
         "zero_allow_untested_optimizer": True,
     }
     return merge_into(out, ds.extra)
@@ -128,11 +151,40 @@ def build_engines(modules: Mapping[str, nn.Module], cfg: TrainConfig, world_size
     for part, module in modules.items():
         if not any(p.requires_grad for p in module.parameters()):
             raise ValueError(f"part {part!r} has no trainable parameters")
-        engine, _, _, _ = deepspeed.initialize(
-            model=module, model_parameters=param_groups(module, cfg.optim.weight_decay),
-            config=ds_config(cfg, part, world_size, universal))
+        config = ds_config(cfg, part, world_size, universal)
+        groups = param_groups(module, cfg.optim.weight_decay)
+        optimizer = client_optimizer(config, groups)
+        if optimizer is not None:
+            del config["optimizer"]
+        engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=groups, optimizer=optimizer,
+                                               config=config)
+        if cfg.compile:
+            engine.compile()
         engines[part] = engine
     return engines
+
+
+def client_optimizer(config: dict[str, Any], groups: list[dict[str, Any]]) -> torch.optim.Optimizer | None:
+    """torch's fused AdamW for the config's (torch) AdamW section, or None to let DeepSpeed build its
+    own (CPU Adam under optimizer offload, or another optimizer from a DeepSpeed config file)."""
+    section = config.get("optimizer") or {}
+    params = dict(section.get("params") or {})
+    if str(section.get("type", "")).lower() != "adamw" or not params.pop("torch_adam", False):
+        return None
+    params.pop("foreach", None)
+    params.pop("adam_w_mode", None)
+    return torch.optim.AdamW(groups, **params, fused=True)
+
+
+def step_optimizer(engine: Any) -> torch.optim.Optimizer | None:
+    """The fused torch optimizer that takes the step inside ``engine`` (under DeepSpeed's ZeRO /
+    bf16 wrappers), or None when the step is not a fused torch AdamW's (no device-side skip)."""
+    opt = engine.optimizer
+    while opt is not None and not isinstance(opt, torch.optim.AdamW):
+        opt = getattr(opt, "optimizer", None)
+    if opt is None or not opt.defaults.get("fused"):
+        return None
+    return opt
 
 
 def uses_fp32_partitions(engine: Any) -> bool:
@@ -140,5 +192,5 @@ def uses_fp32_partitions(engine: Any) -> bool:
     return bool(engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled())
 
 
-__all__ = ["DistInfo", "build_engines", "build_modules", "ds_config", "param_groups", "setup_distributed",
-           "uses_fp32_partitions"]
+__all__ = ["DistInfo", "build_engines", "build_modules", "client_optimizer", "ds_config", "effective_stage",
+           "param_groups", "setup_distributed", "step_optimizer", "trainer_clips", "uses_fp32_partitions"]

@@ -121,7 +121,7 @@ class ARFamily(Family):
         return out
 
     def loss(self, part: str, modules: Mapping[str, nn.Module], batch: Mapping[str, Any], step: int
-             ) -> tuple[torch.Tensor, dict[str, float]]:
+             ) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         if part != "model":
             raise KeyError(f"ar has no part {part!r}")
         model = modules["model"]

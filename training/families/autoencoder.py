@@ -147,7 +147,7 @@ class _AutoencoderFamily(Family):
 
     # --- losses ------------------------------------------------------------------------------------
     def loss(self, part: str, modules: Mapping[str, nn.Module], batch: Mapping[str, Any], step: int
-             ) -> tuple[Tensor, dict[str, float]]:
+             ) -> tuple[Tensor, dict[str, float | Tensor]]:
         model = modules["model"]
         x = _images(batch, model)
         if part == "model":
@@ -177,7 +177,7 @@ class _AutoencoderFamily(Family):
         raise KeyError(f"{self.name} has no part {part!r}")
 
     def _objective(self, ae: Autoencoder, x: Tensor, *, step: int, disc: nn.Module | None,
-                   lpips: nn.Module | None) -> tuple[Tensor, dict[str, float], Tensor, Tensor]:
+                   lpips: nn.Module | None) -> tuple[Tensor, dict[str, float | Tensor], Tensor, Tensor]:
         """Runs inside the model's forward: (loss, logs, reconstruction, latents for the scaling factor)."""
         raise NotImplementedError
 
@@ -215,7 +215,7 @@ class _AutoencoderFamily(Family):
         return {"reconstructions": recon_grid(x, rec)}
 
 
-def _deterministic(ae: Autoencoder, x: Tensor) -> tuple[Tensor, dict[str, float]]:
+def _deterministic(ae: Autoencoder, x: Tensor) -> tuple[Tensor, dict[str, float | Tensor]]:
     """Posterior-mean (KL) or nearest-code (VQ) reconstruction [B,3,H,W] plus latent metrics."""
     enc = ae.encode(x)
     if hasattr(enc, "latent_dist"):
@@ -238,7 +238,7 @@ class KLVAEFamily(_AutoencoderFamily):
     cfg: KLVAEConfig
 
     def _objective(self, ae: Autoencoder, x: Tensor, *, step: int, disc: nn.Module | None,
-                   lpips: nn.Module | None) -> tuple[Tensor, dict[str, float], Tensor, Tensor]:
+                   lpips: nn.Module | None) -> tuple[Tensor, dict[str, float | Tensor], Tensor, Tensor]:
         post = ae.encode(x).latent_dist
         z = post.sample()  # [B,C,h,w], reparameterised
         rec = ae.decode(z).sample  # [B,3,H,W]
@@ -264,7 +264,7 @@ class VQGANFamily(_AutoencoderFamily):
         self._restarted = 0
 
     def _objective(self, ae: Autoencoder, x: Tensor, *, step: int, disc: nn.Module | None,
-                   lpips: nn.Module | None) -> tuple[Tensor, dict[str, float], Tensor, Tensor]:
+                   lpips: nn.Module | None) -> tuple[Tensor, dict[str, float | Tensor], Tensor, Tensor]:
         h = ae.encode(x).latents  # [B,D,h,w]
         q = quantize(h, ae.quantize.embedding.weight)
         rec = vq_decode_latents(ae, q.z_q)  # [B,3,H,W]

@@ -58,8 +58,9 @@ class Family(abc.ABC):
     @abc.abstractmethod
     def loss(
         self, part: str, modules: Mapping[str, nn.Module], batch: Mapping[str, Any], step: int
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Scalar loss for ``part`` (a 0-dim tensor with grad) and floats to log.
+    ) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
+        """Scalar loss for ``part`` (a 0-dim tensor with grad) and values to log: floats or detached
+        0-dim tensors (the trainer reads tensors on the host only at its log points).
 
         ``modules`` maps part names to the engine-wrapped modules. Keep the other parts'
         gradients out of this part's step (e.g. ``requires_grad_(False)`` on the

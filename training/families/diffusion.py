@@ -147,7 +147,7 @@ class LatentPriorFamily(Family, abc.ABC):
     @abc.abstractmethod
     def objective_loss(
         self, model: nn.Module, batch: LatentBatch, generator: torch.Generator | None
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         """The objective on scaled latents."""
 
     @abc.abstractmethod
@@ -188,7 +188,7 @@ class LatentPriorFamily(Family, abc.ABC):
 
     def loss(
         self, part: str, modules: Mapping[str, nn.Module], batch: Mapping[str, Any], step: int
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         if part != "model":
             raise KeyError(f"{self.name} has no part {part!r}")
         model = modules["model"]
@@ -205,7 +205,7 @@ class LatentPriorFamily(Family, abc.ABC):
         device = next(unwrap(model).parameters()).device
         g = torch.Generator(device=device).manual_seed(self.cfg.sample_seed)
         loss, logs = self.objective_loss(model, self._inputs(batch, device, g, drop=False), g)
-        return {"model/loss": float(loss), **{f"model/{k}": v for k, v in logs.items() if k != "loss"}}
+        return {"model/loss": float(loss), **{f"model/{k}": float(v) for k, v in logs.items() if k != "loss"}}
 
     # -- sampling --------------------------------------------------------------------------------
 
@@ -274,7 +274,7 @@ class DiffusionFamily(LatentPriorFamily):
 
     def objective_loss(
         self, model: nn.Module, batch: LatentBatch, generator: torch.Generator | None
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         return self.objective.loss(model, batch, generator)
 
     def sampler(self) -> tuple[Sampler, int, float | None]:

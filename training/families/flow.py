@@ -55,7 +55,7 @@ class FlowFamily(LatentPriorFamily):
 
     def objective_loss(
         self, model: nn.Module, batch: LatentBatch, generator: torch.Generator | None
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         return self.objective.loss(model, batch, generator)
 
     def sampler(self) -> tuple[Sampler, int, float | None]:

@@ -93,7 +93,7 @@ class ToyFamily(Family):
         return {"model": ColourNet(self.cfg)}
 
     def loss(self, part: str, modules: Mapping[str, nn.Module], batch: Mapping[str, Any], step: int
-             ) -> tuple[torch.Tensor, dict[str, float]]:
+             ) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         model = modules["model"]
         x, y = _target(batch, _dtype_of(model))
         pred = model(x)  # [B, 3]
@@ -146,7 +146,7 @@ class ToyGanFamily(Family):
         return ["model", "disc"] if step % self.cfg.disc_every == 0 else ["model"]
 
     def loss(self, part: str, modules: Mapping[str, nn.Module], batch: Mapping[str, Any], step: int
-             ) -> tuple[torch.Tensor, dict[str, float]]:
+             ) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         model, disc = modules["model"], modules["disc"]
         x, y = _target(batch, _dtype_of(model))
         if part == "model":
@@ -160,14 +160,14 @@ class ToyGanFamily(Family):
             loss = mse + self.cfg.adv_weight * adv
             if step in self.cfg.nan_loss_steps:
                 loss = loss * float("nan")
-            return loss, {"mse": float(mse.detach()), "adv": float(adv.detach())}
+            return loss, {"mse": mse.detach(), "adv": adv.detach()}
         if part == "disc":
             with torch.no_grad():
                 pred = model(x)  # no generator graph
             d = _dtype_of(disc).dtype
             real, fake = disc(y.to(d)).float(), disc(pred.to(d)).float()
             loss = 0.5 * (((real - 1.0) ** 2).mean() + (fake ** 2).mean())
-            return loss, {"real": float(real.mean().detach()), "fake": float(fake.mean().detach())}
+            return loss, {"real": real.mean().detach(), "fake": fake.mean().detach()}
         raise KeyError(f"toy_gan has no part {part!r}")
 
     @torch.no_grad()

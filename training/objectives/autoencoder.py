@@ -59,9 +59,9 @@ class AutoencoderLossConfig:
         return self.disc_weight > 0 and step >= self.disc_start
 
 
-def _f(t: Tensor) -> float:
-    """A detached scalar as a Python float (for logs)."""
-    return float(t.detach())
+def _f(t: Tensor) -> Tensor:
+    """A detached scalar for logs (read on the host only at the trainer's log points)."""
+    return t.detach().float()
 
 
 # --- reconstruction and metrics --------------------------------------------------------------------
@@ -185,7 +185,7 @@ def adaptive_weight(rec_loss: Tensor, g_loss: Tensor, last_layer: Tensor, max_we
 
 def generator_loss(x: Tensor, rec: Tensor, regulariser: Tensor, cfg: AutoencoderLossConfig, step: int, *,
                    disc: nn.Module | None = None, last_layer: Tensor | None = None,
-                   lpips: nn.Module | None = None) -> tuple[Tensor, dict[str, float]]:
+                   lpips: nn.Module | None = None) -> tuple[Tensor, dict[str, float | Tensor]]:
     """Reconstruction (+ LPIPS) + ``regulariser`` (+ adaptive-weight hinge generator term from ``step`` on).
 
     Args:
@@ -195,7 +195,7 @@ def generator_loss(x: Tensor, rec: Tensor, regulariser: Tensor, cfg: Autoencoder
         last_layer: the decoder's last weight, for the adaptive weight.
     """
     rec_term = reconstruction_loss(x, rec, cfg.rec_loss)
-    logs = {"rec_l1": float((x - rec).detach().abs().mean()), "psnr": float(psnr(x, rec.detach()).mean())}
+    logs: dict[str, float | Tensor] = {"rec_l1": _f((x - rec).abs().mean()), "psnr": _f(psnr(x, rec.detach()).mean())}
     if lpips is not None and cfg.perceptual_weight > 0:
         p = lpips(x, rec).mean()
         rec_term = rec_term + cfg.perceptual_weight * p
@@ -207,14 +207,14 @@ def generator_loss(x: Tensor, rec: Tensor, regulariser: Tensor, cfg: Autoencoder
             raise ValueError("the adaptive adversarial weight needs the decoder's last layer")
         lam = cfg.disc_weight * adaptive_weight(rec_term, g, last_layer, cfg.adaptive_weight_max)
         loss = loss + lam * g
-        logs.update(g_loss=_f(g), adv_weight=float(lam))
+        logs.update(g_loss=_f(g), adv_weight=_f(lam) if isinstance(lam, Tensor) else float(lam))
     logs["loss"] = _f(loss)
     return loss, logs
 
 
 def kl_vae_loss(x: Tensor, rec: Tensor, mean: Tensor, logvar: Tensor, cfg: AutoencoderLossConfig, step: int, *,
                 disc: nn.Module | None = None, last_layer: Tensor | None = None,
-                lpips: nn.Module | None = None) -> tuple[Tensor, dict[str, float]]:
+                lpips: nn.Module | None = None) -> tuple[Tensor, dict[str, float | Tensor]]:
     """KL-VAE generator loss; ``mean``, ``logvar`` [B,C,h,w] of the posterior. Keywords: see generator_loss."""
     kl = kl_divergence(mean, logvar)
     pixels = x[0].numel()
@@ -226,7 +226,7 @@ def kl_vae_loss(x: Tensor, rec: Tensor, mean: Tensor, logvar: Tensor, cfg: Autoe
 
 def vqgan_loss(x: Tensor, rec: Tensor, q: Quantized, cfg: AutoencoderLossConfig, step: int, *,
                disc: nn.Module | None = None, last_layer: Tensor | None = None,
-               lpips: nn.Module | None = None) -> tuple[Tensor, dict[str, float]]:
+               lpips: nn.Module | None = None) -> tuple[Tensor, dict[str, float | Tensor]]:
     """VQGAN generator loss; ``q`` from ``quantize``. Keywords: see generator_loss."""
     vq = cfg.codebook_weight * (q.codebook_loss + cfg.commitment_beta * q.commitment_loss)
     loss, logs = generator_loss(x, rec, vq, cfg, step, disc=disc, last_layer=last_layer, lpips=lpips)
@@ -234,7 +234,7 @@ def vqgan_loss(x: Tensor, rec: Tensor, q: Quantized, cfg: AutoencoderLossConfig,
     return loss, logs
 
 
-def discriminator_loss(logits_real: Tensor, logits_fake: Tensor) -> tuple[Tensor, dict[str, float]]:
+def discriminator_loss(logits_real: Tensor, logits_fake: Tensor) -> tuple[Tensor, dict[str, float | Tensor]]:
     """Hinge loss from the discriminator's logits on real images and on detached reconstructions."""
     loss = hinge_d_loss(logits_real, logits_fake)
     return loss, {"d_loss": _f(loss), "logits_real": _f(logits_real.mean()),

@@ -50,7 +50,7 @@ class AutoregressiveObjective:
         batch: Mapping[str, Any],
         generator: torch.Generator | None = None,
         step: int | None = None,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         """Mean cross-entropy (nats per image token) and logs.
 
         Args:
@@ -88,7 +88,7 @@ class AutoregressiveObjective:
         with torch.no_grad():
             acc = (logits.argmax(-1) == tokens).float().mean()
             dropped = (text_mask.any(1) & ~mask.any(1)).float().mean()
-        return loss, {"ce": float(loss.detach()), "token_acc": float(acc), "cond_dropped": float(dropped)}
+        return loss, {"ce": loss.detach(), "token_acc": acc, "cond_dropped": dropped}
 
 
 __all__ = ["ARModel", "AutoregressiveObjective", "keyed_uniform"]

@@ -162,7 +162,7 @@ class DDPMObjective:
 
     def loss(
         self, model: Model, batch: LatentBatch, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         """Weighted regression loss on a batch of clean latents ``batch.x`` [B, C, h, w]."""
         x0 = batch.x
         t = self.sample_t(x0.shape[0], x0.device, generator)
@@ -173,4 +173,4 @@ class DDPMObjective:
             raise ValueError(f"model output {tuple(out.shape)} does not match the latent {tuple(x0.shape)}")
         mse = per_sample_mse(out, self.schedule.target(x0, eps, t))  # [B]
         loss = (self.weights(t).to(mse.device) * mse).mean()
-        return loss, {"loss": float(loss.detach()), "mse": float(mse.detach().mean())}
+        return loss, {"loss": loss.detach(), "mse": mse.detach().mean()}

@@ -102,7 +102,7 @@ class FlowObjective:
 
     def loss(
         self, model: Model, batch: LatentBatch, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         """Velocity MSE on a batch of clean latents ``batch.x`` [B, C, h, w]."""
         x1 = batch.x
         t = self.sample_t(x1.shape[0], x1.shape[-2], x1.shape[-1], x1.device, generator)
@@ -112,4 +112,4 @@ class FlowObjective:
         if out.shape != x1.shape:
             raise ValueError(f"model output {tuple(out.shape)} does not match the latent {tuple(x1.shape)}")
         loss = per_sample_mse(out, target).mean()
-        return loss, {"loss": float(loss.detach())}
+        return loss, {"loss": loss.detach()}

@@ -1,0 +1,99 @@
+"""What rank 0 shows of a training run: progress, the periodic metric line, the final summary.
+
+On a terminal a tqdm bar; elsewhere (Ray jobs, CI, ``nohup``) a log line every
+``progress_interval`` seconds (``preprocessing.progress.Progress``, the other stages' progress)
+with step/total, steps/s, samples/s, the loss, MFU where the device's peak is known
+(``training.throughput``), the data-wait share, memory and the ETA, after torchtitan's metric
+line. The loss and MFU are those of the last log point (the loop reads the device only there).
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+
+import torch
+
+from preprocessing.progress import Progress, _fmt_eta
+from training.throughput import mfu
+
+log = logging.getLogger("latentpipe.train")
+
+# Evaluation metrics where larger is better; every other metric's best value is its smallest.
+_HIGHER_IS_BETTER = ("psnr", "acc", "usage", "perplexity", "score")
+
+
+def memory_gib(device: torch.device) -> tuple[str, float]:
+    """(label, GiB): the peak allocated device memory on CUDA, else the process's peak resident set."""
+    if device.type == "cuda":
+        return "gpu mem", torch.cuda.max_memory_allocated(device) / 2**30
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return "rss", kib / 2**20
+
+
+class TrainMonitor:
+    """Rank 0's progress bar / metric line and summary table (``enabled=False`` on other ranks)."""
+
+    def __init__(self, total: int, start: int, samples_per_step: int, interval: float, device: torch.device,
+                 enabled: bool = True) -> None:
+        self.enabled, self.device, self.samples_per_step = enabled, device, samples_per_step
+        self.progress = Progress(total, "train", unit="step", interval=interval, enabled=enabled, initial=start)
+        self._step_s = self._wait_s = 0.0  # since the last log point
+        self.best: dict[str, tuple[float, int]] = {}  # eval metric -> (best value, step)
+
+    def step(self, dt: float, t_data: float) -> None:
+        self._step_s += dt
+        self._wait_s += t_data
+        self.progress.update(1, samples=float(self.samples_per_step))
+
+    def logged(self, logs: dict[str, float], flops: float | None, peak: float | None, world: int) -> None:
+        """New values at a log point: the loss, MFU, data-wait share and memory in the next line."""
+        fields = {}
+        loss = logs.get("loss/model")
+        if loss is not None:
+            fields["loss"] = f"{loss:.4g}"
+        if flops and peak and self._step_s > 0:
+            sps = self.progress.counters.get("samples", 0.0) / max(self._elapsed(), 1e-9)
+            fields["mfu"] = f"{100 * mfu(sps, flops, peak, world):.1f}%"
+        if self._step_s > 0:
+            fields["data wait"] = f"{100 * self._wait_s / self._step_s:.0f}%"
+        label, gib = memory_gib(self.device)
+        fields[label] = f"{gib:.2f} GiB"
+        self._step_s = self._wait_s = 0.0
+        self.progress.set_fields(**fields)
+
+    def evaluated(self, metrics: dict[str, float], step: int) -> None:
+        for k, v in metrics.items():
+            higher = any(h in k.lower() for h in _HIGHER_IS_BETTER)
+            old = self.best.get(k)
+            if old is None or (v > old[0] if higher else v < old[0]):
+                self.best[k] = (v, step)
+
+    def _elapsed(self) -> float:
+        return time.monotonic() - self.progress.start
+
+    def summary(self, steps: int, wall_s: float, nonfinite: int, export: str | None,
+                registered: str | None) -> str:
+        """The end-of-run table (logged by rank 0); returned for the caller."""
+        samples = steps * self.samples_per_step
+        rows = [("steps", f"{self.progress.n}/{self.progress.total} ({steps} in this run)"),
+                ("wall time", _fmt_eta(wall_s)),
+                ("mean samples/s", f"{samples / wall_s:,.1f}" if wall_s > 0 else "-"),
+                ("skipped (non-finite) steps", str(nonfinite))]
+        for k, (v, s) in sorted(self.best.items()):
+            rows.append((f"best {k}", f"{v:.4g} (step {s})"))
+        rows += [("export", export or "-"), ("registered", registered or "-")]
+        width = max(len(k) for k, _ in rows)
+        table = "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+        text = f"training summary\n{table}"
+        if self.enabled:
+            self.progress.close()
+            log.info("%s", text)
+        return text
+
+    def close(self) -> None:
+        self.progress.close()
+
+
+__all__ = ["TrainMonitor", "memory_gib"]
