@@ -41,7 +41,7 @@ from training.data import DataConfig, ShardStream
 from training.ema import ShardedEMA
 from training.export import consolidated_state_dict, save_export
 from training.families import Family, family_for_data, model_config_dict
-from training.monitor import TrainMonitor
+from training.monitor import TrainMonitor, quiet_known_noise
 from training.throughput import flops_per_sample, mfu, peak_flops
 from training.tracking import Tracker
 from training.zero import (
@@ -168,6 +168,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, dist_info: DistInfo | None = None) -> None:
         self.cfg = cfg
+        quiet_known_noise()
         t0 = time.perf_counter()
         self.stop = _StopFlag()
         self.stop.install()  # a preemption during the (slow) start-up is honoured after the first step

@@ -177,6 +177,10 @@ def launch(cfg: TrainConfig, opts: LaunchOptions) -> int:
         train(cfg)
         return 0
     path = write_config(cfg)
+    # torchrun's own default (one OpenMP thread per rank when it starts several), set here so it
+    # does not print its banner about choosing it.
+    if opts.nproc > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
     if opts.launcher == "torchrun":
         return _run_forwarding_sigterm(torchrun_command(path, opts))
     if opts.launcher == "deepspeed":

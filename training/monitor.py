@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import resource
 import time
+import warnings
 
 import torch
 
@@ -30,6 +31,28 @@ def memory_gib(device: torch.device) -> tuple[str, float]:
         return "gpu mem", torch.cuda.max_memory_allocated(device) / 2**30
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return "rss", kib / 2**20
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def quiet_known_noise() -> None:
+    """Silence third-party messages a user cannot act on, each by its exact text (nothing else):
+    DeepSpeed's LR-scheduler warning when an engine is built (it reads the LR before step 1), and
+    torch's deprecation FutureWarnings for the collectives DeepSpeed's ZeRO-3 calls."""
+    ds_logger = logging.getLogger("DeepSpeed")
+    prefix = "Attempting to get learning rate from scheduler before it has started"
+    if not any(isinstance(f, _DropMessage) and f.prefix == prefix for f in ds_logger.filters):
+        ds_logger.addFilter(_DropMessage(prefix))
+    for name in ("all_gather_into_tensor", "reduce_scatter_tensor"):
+        warnings.filterwarnings("ignore", message=rf"`torch\.distributed\.{name}` is deprecated",
+                                category=FutureWarning)
 
 
 class TrainMonitor:
@@ -96,4 +119,4 @@ class TrainMonitor:
         self.progress.close()
 
 
-__all__ = ["TrainMonitor", "memory_gib"]
+__all__ = ["TrainMonitor", "memory_gib", "quiet_known_noise"]
