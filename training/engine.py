@@ -508,11 +508,12 @@ class Trainer:
                     self.ema.update()
                 dt = time.perf_counter() - t0
                 self._pending.append(_Pending(self.step - 1, logs, bad, dt, t_data))
-                self.monitor.step(dt, t_data)
+                self.monitor.timed(dt, t_data)
                 every = cfg.checkpoint.every_steps
                 save_now = bool(every and self.step % every == 0 and self.step < cfg.steps)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps or save_now:
                     self._flush(peak, samples)
+                self.monitor.advance()
                 self._hooks()
                 stop_now = poll.check()
                 if stop_now or save_now:

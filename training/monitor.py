@@ -65,9 +65,13 @@ class TrainMonitor:
         self._step_s = self._wait_s = 0.0  # since the last log point
         self.best: dict[str, tuple[float, int]] = {}  # eval metric -> (best value, step)
 
-    def step(self, dt: float, t_data: float) -> None:
+    def timed(self, dt: float, t_data: float) -> None:
+        """A step took ``dt`` seconds, ``t_data`` of them waiting for data."""
         self._step_s += dt
         self._wait_s += t_data
+
+    def advance(self) -> None:
+        """One step done (after its log point, if any): the bar moves, or a line is due."""
         self.progress.update(1, samples=float(self.samples_per_step))
 
     def logged(self, logs: dict[str, float], flops: float | None, peak: float | None, world: int) -> None:
