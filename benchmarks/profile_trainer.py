@@ -12,7 +12,9 @@ on one in-memory batch from the same shards. Every step appends a JSONL row to D
 loss, backward, overflow check, norm, optimizer, EMA, syncs: the trainer's methods timed by
 wrappers installed here), and for a few steps the ``torch.profiler`` busy time (CPU: self time
 of the ops; CUDA: kernel time). The summary (DIR/summary.json, printed) is samples/s of each
-side from the median step after warm-up, per round, and their ratio trainer / bare.
+side from the median step after warm-up, per round, and their ratio trainer / bare, in wall time
+and in process CPU time (one thread per side by default: on a shared, loaded CPU the CPU-time
+ratio is the stable one; the trainer's data loader runs in-process with ``--workers 0``).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ class Recorder:
 
     def __init__(self, out: Path, side: str, round_: int, samples: int, sync: Callable[[], None]) -> None:
         self.out, self.side, self.round, self.samples, self.sync = out, side, round_, samples, sync
-        self.step, self.t = 0, time.perf_counter()
+        self.step, self.t, self.cpu = 0, time.perf_counter(), time.process_time()
         self.prof: Any = None
 
     def boundary(self) -> None:
@@ -64,10 +66,10 @@ class Recorder:
         import torch
 
         self.sync()
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.process_time()
         if self.step > 0:
             row: dict[str, Any] = {"side": self.side, "round": self.round, "step": self.step - 1,
-                                   "step_s": now - self.t, "samples": self.samples,
+                                   "step_s": now - self.t, "cpu_s": cpu - self.cpu, "samples": self.samples,
                                    "phases": {k: round(v, 6) for k, v in PHASES.items()}}
             if self.prof is not None:
                 self.prof.stop()
@@ -86,7 +88,7 @@ class Recorder:
             self.prof = profile(activities=acts)
             self.prof.start()
         self.step += 1
-        self.t = time.perf_counter()
+        self.t, self.cpu = time.perf_counter(), time.process_time()
 
 
 def _sync() -> None:
@@ -204,6 +206,7 @@ def summarize(rows: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
             if not sel:
                 continue
             step_s = statistics.median(x["step_s"] for x in sel)
+            cpu_s = statistics.median(x["cpu_s"] for x in sel)
             phases: dict[str, float] = defaultdict(float)
             for x in sel:
                 for k, v in x["phases"].items():
@@ -211,13 +214,16 @@ def summarize(rows: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
             prof = [x["busy_s"] / x["step_s"] for x in rows if x["round"] == r and x["side"] == side
                     and x.get("profiled")]
             entry[side] = {"samples_per_s": round(sel[0]["samples"] / step_s, 2), "step_ms": round(step_s * 1e3, 2),
+                           "samples_per_cpu_s": round(sel[0]["samples"] / cpu_s, 2), "cpu_ms": round(cpu_s * 1e3, 2),
                            "steps": len(sel), "phases_ms": {k: round(v * 1e3, 2) for k, v in sorted(phases.items())},
                            "profiler_busy_share": round(statistics.mean(prof), 3) if prof else None}
         if "bare" in entry and "trainer" in entry:
             entry["ratio"] = round(entry["trainer"]["samples_per_s"] / entry["bare"]["samples_per_s"], 3)
+            entry["ratio_cpu"] = round(entry["trainer"]["samples_per_cpu_s"] / entry["bare"]["samples_per_cpu_s"], 3)
         out["rounds"].append(entry)
-    ratios = [e["ratio"] for e in out["rounds"] if "ratio" in e]
-    out["ratio_median"] = statistics.median(ratios) if ratios else None
+    for key in ("ratio", "ratio_cpu"):
+        ratios = [e[key] for e in out["rounds"] if key in e]
+        out[f"{key}_median"] = statistics.median(ratios) if ratios else None
     return out
 
 

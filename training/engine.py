@@ -184,20 +184,21 @@ class Trainer:
         self.universal = bool(self.resume_from and prev_world != self.di.world_size
                               and self.resume_from.state.get("partitioned", True))
         modules = build_modules(self.family, cfg, self.di.world_size)
-        self.engines = build_engines(modules, cfg, self.di.world_size, universal=self.universal)
+        self.stage = effective_stage(cfg, self.di.world_size, self.resume_from.state if self.resume_from else None)
+        self.engines = build_engines(modules, cfg, self.di.world_size, universal=self.universal, stage=self.stage)
         self.modules = {k: e for k, e in self.engines.items()}
         self.ema = ShardedEMA(self.engines["model"], cfg.ema.decay, cfg.ema.every) if cfg.ema.enabled else None
         t_engines = time.perf_counter()
         self.tracker = Tracker(cfg.tracking, self.workdir, active=self.di.rank == 0, resume=cfg.resume)
         log.info("rank %d/%d: %s, %d part(s), ZeRO-%d %s, ready in %.1fs (tracker %.1fs)", self.di.rank,
-                 self.di.world_size, self.family.name, len(self.engines), effective_stage(cfg, self.di.world_size),
+                 self.di.world_size, self.family.name, len(self.engines), self.stage,
                  cfg.deepspeed.precision, time.perf_counter() - t0, time.perf_counter() - t_engines)
         self.step = 0
         self.nonfinite = 0
         self._flops: float | None = None
         self._eval_batch: dict[str, Any] | None = None
         self._start_step = 0
-        self._clip = cfg.optim.grad_clip if trainer_clips(cfg, self.di.world_size) else 0.0
+        self._clip = cfg.optim.grad_clip if trainer_clips(cfg, self.stage) else 0.0
         self._norms: dict[str, torch.Tensor] = {}  # per part: the norm the trainer clipped with
         self._expect_skip: dict[str, bool] = {}
         self._pending: list[_Pending] = []

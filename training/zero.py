@@ -4,10 +4,9 @@ ZeRO (Rajbhandari et al. 2020) stage 0-3, optimizer/parameter offload, bf16/fp16
 gradient accumulation and clipping come from ``TrainConfig.deepspeed``/``optim``; the LR
 schedule is DeepSpeed's ``WarmupCosineLR`` (linear warmup, cosine decay to a floor).
 
-Settings per world size and precision (``effective_stage``, ``ds_config``): ZeRO-2 at one rank
-runs as ZeRO-1 (nothing to partition gradients across; stage 1 keeps the same checkpoint
-format, so a rescale to more ranks still resumes through DeepSpeed's universal checkpoint);
-DeepSpeed's synchronized throughput timer is off; the optimizer is torch's fused AdamW built
+Settings per world size and precision (``effective_stage``, ``ds_config``): in fp32 at one rank
+ZeRO-1/2 run as ZeRO-0 (nothing to partition; ``deepspeed.auto_stage``); DeepSpeed's synchronized
+throughput timer is off; the optimizer is torch's fused AdamW built
 here (``client_optimizer``), which skips a step on the device when the trainer sets its
 ``found_inf`` flag, so bf16's per-tensor overflow check is off where that flag guards the step;
 at ZeRO-0 in fp32 the trainer clips with torch's multi-tensor norm instead of DeepSpeed's loop.
@@ -27,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from preprocessing.config import ConfigError
 from training.config import TrainConfig, merge_into
 
 log = logging.getLogger("latentpipe.train")
@@ -67,23 +67,42 @@ def setup_distributed(backend: str = "auto") -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, dist.get_backend())
 
 
-def effective_stage(cfg: TrainConfig, world_size: int) -> int:
-    """The ZeRO stage the engines run: ZeRO-2 at one rank is ZeRO-1 (no gradients to partition)."""
-    stage = cfg.deepspeed.zero_stage
-    return 1 if stage == 2 and world_size == 1 and not cfg.deepspeed.offload_optimizer else stage
+def effective_stage(cfg: TrainConfig, world_size: int, resumed: Mapping[str, Any] | None = None) -> int:
+    """The ZeRO stage the trainer's engines run at ``world_size``, resuming from a checkpoint whose
+    state is ``resumed`` (or None).
+
+    With ``deepspeed.auto_stage`` ZeRO-1/2 in fp32 at one rank run as ZeRO-0: with nothing to
+    partition across, their flat fp32 copies, per-tensor norm and gradient copies are pure
+    overhead. Such checkpoints are not partitioned, so they resume at one rank, or at more ranks
+    with ``zero_stage=0`` (ZeRO-1/2 reload only partitioned optimizer state: a ConfigError).
+    """
+    ds = cfg.deepspeed
+    stage = ds.zero_stage
+    unpartitioned = resumed is not None and not resumed.get("partitioned", True)
+    if world_size > 1 and unpartitioned and stage in (1, 2) and resumed is not None:
+        raise ConfigError(f"the checkpoint was written by a {resumed.get('world_size')}-rank run without partitioned "
+                          f"optimizer state (ZeRO-0; at one rank deepspeed.auto_stage runs ZeRO-1/2 as ZeRO-0): "
+                          f"resume it at 1 rank or with deepspeed.zero_stage=0 (or train 1-rank runs meant "
+                          f"to grow with deepspeed.auto_stage=false)")
+    auto = ds.auto_stage and world_size == 1 and stage in (1, 2) and ds.precision == "fp32" and not ds.offload_optimizer
+    if auto and (resumed is None or unpartitioned):
+        return 0
+    return stage
 
 
-def trainer_clips(cfg: TrainConfig, world_size: int) -> bool:
+def trainer_clips(cfg: TrainConfig, stage: int) -> bool:
     """True when the trainer clips the gradients itself (ZeRO-0 in fp32: DeepSpeed's loop replaced
     by torch's multi-tensor ``clip_grad_norm_``; gradients are already all-reduced after backward)."""
-    return effective_stage(cfg, world_size) == 0 and cfg.deepspeed.precision == "fp32" and cfg.optim.grad_clip > 0
+    return stage == 0 and cfg.deepspeed.precision == "fp32" and cfg.optim.grad_clip > 0
 
 
-def ds_config(cfg: TrainConfig, part: str, world_size: int, universal: bool = False) -> dict[str, Any]:
-    """The DeepSpeed config dict of one part's engine."""
+def ds_config(cfg: TrainConfig, part: str, world_size: int, universal: bool = False,
+              stage: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed config dict of one part's engine (at ZeRO ``stage``; default the configured one)."""
     ds, opt = cfg.deepspeed, cfg.optim
     on_gpu = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
-    zero: dict[str, Any] = {"stage": effective_stage(cfg, world_size)}
+    stage = ds.zero_stage if stage is None else stage
+    zero: dict[str, Any] = {"stage": stage}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     if ds.offload_params:
@@ -93,7 +112,7 @@ def ds_config(cfg: TrainConfig, part: str, world_size: int, universal: bool = Fa
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": ds.grad_accum,
         "train_batch_size": cfg.data.batch_size * ds.grad_accum * world_size,
-        "gradient_clipping": 0.0 if trainer_clips(cfg, world_size) else opt.grad_clip,
+        "gradient_clipping": 0.0 if trainer_clips(cfg, stage) else opt.grad_clip,
         "zero_optimization": zero,
         "optimizer": {"type": "AdamW", "params": {
             "lr": opt.part_lr.get(part, opt.lr), "betas": list(opt.betas), "eps": opt.eps,
@@ -143,15 +162,15 @@ def build_modules(family: Any, cfg: TrainConfig, world_size: int) -> dict[str, n
 
 
 def build_engines(modules: Mapping[str, nn.Module], cfg: TrainConfig, world_size: int,
-                  universal: bool = False) -> dict[str, Any]:
-    """One DeepSpeed engine (own optimizer + scheduler) per part."""
+                  universal: bool = False, stage: int | None = None) -> dict[str, Any]:
+    """One DeepSpeed engine (own optimizer + scheduler) per part, at ZeRO ``stage`` (default: configured)."""
     import deepspeed
 
     engines: dict[str, Any] = {}
     for part, module in modules.items():
         if not any(p.requires_grad for p in module.parameters()):
             raise ValueError(f"part {part!r} has no trainable parameters")
-        config = ds_config(cfg, part, world_size, universal)
+        config = ds_config(cfg, part, world_size, universal, stage)
         groups = param_groups(module, cfg.optim.weight_decay)
         optimizer = client_optimizer(config, groups)
         if optimizer is not None:

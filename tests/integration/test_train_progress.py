@@ -28,7 +28,7 @@ def test_progress_lines_and_summary_when_not_a_terminal(tmp_path: Path) -> None:
                         "--launcher", "local", f"data.shards={shards}", f"workdir={tmp_path / 'run'}",
                         "data.batch_size=4", "data.num_workers=0", "steps=6", "log_every=2", "eval_every=3",
                         "sample_every=0", "progress_interval=0", "tracking.system_metrics=false"],
-                       cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                       cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("train: ")]
