@@ -42,6 +42,7 @@ from training.ema import ShardedEMA
 from training.export import consolidated_state_dict, save_export
 from training.families import Family, family_for_data, model_config_dict
 from training.monitor import TrainMonitor, quiet_known_noise
+from training.pending import Pending, StopPoll
 from training.throughput import flops_per_sample, mfu, peak_flops
 from training.tracking import Tracker
 from training.zero import (
@@ -92,55 +93,6 @@ class _StopFlag:
     def uninstall(self) -> None:
         if self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
-
-
-@dataclass
-class _Pending:
-    """One step's results, still on the device until the next log point."""
-
-    step: int
-    logs: dict[str, Any]  # 0-dim tensors or floats
-    bad: torch.Tensor
-    dt: float
-    t_data: float
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.bad, *(v for v in self.logs.values() if isinstance(v, torch.Tensor))]
-
-    def read(self, values: Iterator[float]) -> tuple[dict[str, float], bool]:
-        """The host values, taken from ``values`` in ``tensors()`` order."""
-        bad = next(values) > 0
-        logs = {k: next(values) if isinstance(v, torch.Tensor) else float(v) for k, v in self.logs.items()}
-        if bad:  # a skipped step has no gradient norm
-            logs = {k: v for k, v in logs.items() if not k.startswith("grad_norm/")}
-        return logs, bad
-
-
-class _StopPoll:
-    """All ranks agree on a SIGTERM without stalling the device: the flags are all-reduced (MAX) at
-    the end of step N and read at the end of step N+1 (one rank: the flag itself, no collective)."""
-
-    def __init__(self, flag: _StopFlag, device: torch.device, world_size: int) -> None:
-        self.flag, self.device, self.world_size = flag, device, world_size
-        self._prev: tuple[torch.Tensor, Any] | None = None
-
-    def check(self) -> bool:
-        if self.world_size == 1:
-            return self.flag.set
-        prev = self._prev
-        t = torch.tensor([1.0 if self.flag.set else 0.0], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        event = None
-        if t.is_cuda:
-            t = t.to("cpu", non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        self._prev = (t, event)
-        if prev is None:
-            return False
-        if prev[1] is not None:
-            prev[1].synchronize()
-        return bool(prev[0][0] > 0)
 
 
 def _git_commit() -> str:
@@ -201,7 +153,7 @@ class Trainer:
         self._clip = cfg.optim.grad_clip if trainer_clips(cfg, self.stage) else 0.0
         self._norms: dict[str, torch.Tensor] = {}  # per part: the norm the trainer clipped with
         self._expect_skip: dict[str, bool] = {}
-        self._pending: list[_Pending] = []
+        self._pending: list[Pending] = []
         self._registered: str | None = None
 
     # -- resume ----------------------------------------------------------------------------------
@@ -476,7 +428,7 @@ class Trainer:
         samples = cfg.data.batch_size * gas * di.world_size
         self.monitor = TrainMonitor(cfg.steps, self.step, samples, cfg.progress_interval, di.device,
                                     enabled=di.rank == 0)
-        poll = _StopPoll(self.stop, di.device, di.world_size)
+        poll = StopPoll(self.stop, di.device, di.world_size)
         t_start = time.perf_counter()
         try:
             while self.step < cfg.steps:
@@ -508,7 +460,7 @@ class Trainer:
                 if self.ema is not None and self.ema.started and self.step % cfg.ema.every == 0:
                     self.ema.update()
                 dt = time.perf_counter() - t0
-                self._pending.append(_Pending(self.step - 1, logs, bad, dt, t_data))
+                self._pending.append(Pending(self.step - 1, logs, bad, dt, t_data))
                 self.monitor.timed(dt, t_data)
                 every = cfg.checkpoint.every_steps
                 save_now = bool(every and self.step % every == 0 and self.step < cfg.steps)

@@ -75,3 +75,15 @@ def test_no_host_read_between_log_points(stage: int, tmp_path: Path) -> None:
     steps = {float(s["step"]) for s in opt.state.values()}
     assert steps == {7.0}, steps
     assert all(torch.isfinite(p).all() for p in trainer.engines["model"].module.parameters())
+
+
+def test_compile_switch_trains_compiled_engines(tmp_path: Path) -> None:
+    shards = make_image_shards(tmp_path / "data", 1, 8)
+    cfg = load_config(TrainConfig, ROOT / "configs/train_toy.yaml", [
+        f"data.shards={shards}", f"workdir={tmp_path / 'run'}", "data.batch_size=4", "data.num_workers=0",
+        "steps=3", "checkpoint.every_steps=0", "checkpoint.export=false", "tracking.enabled=false",
+        "eval_every=0", "sample_every=0", "compile=true"])
+    trainer = Trainer(cfg)
+    assert all(e.is_compiled for e in trainer.engines.values())
+    res = trainer.run()
+    assert res.step == 3 and res.nonfinite_steps == 0 and all(v == v for v in res.losses)
