@@ -260,10 +260,13 @@ def main() -> None:
     steps_file.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         if args.latent:
+            from preprocessing.config import load_config
             from tests.shards import make_latent_shards
+            from training.config import TrainConfig
 
+            max_len = load_config(TrainConfig, ROOT / args.config).data.max_text_len if args.config else 32
             shards = make_latent_shards(Path(tmp) / "lat", n=2, per_shard=2 * args.batch, C=4, h=args.latent,
-                                        w=args.latent, text_dim=384, max_len=32, codebook=16384)
+                                        w=args.latent, text_dim=384, max_len=max_len, codebook=16384)
         else:
             from tests.shards import make_image_shards
 
