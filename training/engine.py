@@ -153,6 +153,7 @@ class Trainer:
         self._clip = cfg.optim.grad_clip if trainer_clips(cfg, self.stage) else 0.0
         self._norms: dict[str, torch.Tensor] = {}  # per part: the norm the trainer clipped with
         self._expect_skip: dict[str, bool] = {}
+        self._skips: dict[str, torch.Tensor] = {}  # per part: the step's skip flag when it covers more than the loss
         self._pending: list[Pending] = []
         self._registered: str | None = None
 
@@ -346,7 +347,9 @@ class Trainer:
                     if self.di.world_size > 1:
                         dist.all_reduce(stats)  # a device collective: no host read
                     bad = stats[1] > 0
-                    if self._prepare_step(part, engine, bad):
+                    drop = self._prepare_step(part, engine, bad)
+                    bad = self._skips.pop(part, bad)
+                    if drop:
                         engine.micro_steps += 1
                         engine.skipped_steps += 1
                         continue
@@ -373,10 +376,13 @@ class Trainer:
         clips. Returns True when the step must be dropped here instead (the host-read fallback)."""
         opt = step_optimizer(engine)
         if opt is not None:
-            opt.found_inf = bad.float()  # type: ignore[attr-defined]  # fused AdamW: no update when 1
+            skip = bad
             if self._clip:
                 params = [p for p in engine.module.parameters() if p.grad is not None]
-                self._norms[part] = torch.nn.utils.clip_grad_norm_(params, self._clip, foreach=True)
+                norm = self._norms[part] = torch.nn.utils.clip_grad_norm_(params, self._clip, foreach=True)
+                skip = bad | ~torch.isfinite(norm)  # non-finite gradients of a finite loss: skipped too
+            opt.found_inf = skip.float()  # type: ignore[attr-defined]  # fused AdamW: no update when 1
+            self._skips[part] = skip
             return False
         # No device-side skip (e.g. an optimizer from a DeepSpeed config file): read the flag here.
         if not bool(bad):
@@ -515,7 +521,8 @@ class Trainer:
             res.data_waits.append(p.t_data)
             if bad:
                 self.nonfinite += 1
-                log.warning("step %d: non-finite loss, step skipped (%d so far)", p.step, self.nonfinite)
+                log.warning("step %d: non-finite loss or gradients, step skipped (%d so far)", p.step,
+                            self.nonfinite)
                 if cfg.nonfinite == "stop" or self.nonfinite >= cfg.max_nonfinite:
                     raise NonFiniteLossError(f"non-finite loss at step {p.step} "
                                              f"({self.nonfinite} non-finite steps; policy {cfg.nonfinite})")

@@ -6,10 +6,11 @@ schedule is DeepSpeed's ``WarmupCosineLR`` (linear warmup, cosine decay to a flo
 
 Settings per world size and precision (``effective_stage``, ``ds_config``): in fp32 at one rank
 ZeRO-1/2 run as ZeRO-0 (nothing to partition; ``deepspeed.auto_stage``); DeepSpeed's synchronized
-throughput timer is off; the optimizer is torch's fused AdamW built
-here (``client_optimizer``), which skips a step on the device when the trainer sets its
-``found_inf`` flag, so bf16's per-tensor overflow check is off where that flag guards the step;
-at ZeRO-0 in fp32 the trainer clips with torch's multi-tensor norm instead of DeepSpeed's loop.
+throughput timer is off; the optimizer is torch's fused AdamW built here (``client_optimizer``),
+which skips a step on the device when the trainer sets its ``found_inf`` flag (DeepSpeed's bf16
+gradient-overflow check stays on: that flag covers a non-finite loss, not non-finite gradients
+of a finite one); at ZeRO-0 in fp32 the trainer clips with torch's multi-tensor norm instead of
+DeepSpeed's loop, and a non-finite norm also sets the flag.
 """
 
 from __future__ import annotations
@@ -124,9 +125,9 @@ def ds_config(cfg: TrainConfig, part: str, world_size: int, universal: bool = Fa
             "total_num_steps": max(cfg.steps, warmup + 1), "warmup_num_steps": warmup,
             "warmup_type": "linear", "warmup_min_ratio": 0.0 if opt.warmup_steps else 1.0,
             "cos_min_ratio": opt.min_lr_ratio}},
-        # The fused AdamW's found_inf flag (set by the trainer) skips a non-finite step on the
-        # device, so DeepSpeed's per-tensor bf16 overflow check (a host sync) is not needed.
-        "bf16": {"enabled": ds.precision == "bf16", "check_grad_overflow": bool(ds.offload_optimizer)},
+        # DeepSpeed's bf16 gradient-overflow check stays on: the trainer's found_inf flag covers a
+        # non-finite *loss*, not non-finite gradients from a finite loss.
+        "bf16": {"enabled": ds.precision == "bf16"},
         "fp16": {"enabled": ds.precision == "fp16", "initial_scale_power": 16},
         "checkpoint": {"load_universal": universal},
         "steps_per_print": 10**12,
