@@ -107,6 +107,18 @@ def resolve_uri(uri: str | None, workdir: Path) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
 
 
+def default_run_name(model: Mapping[str, Any], workdir: Path) -> str:
+    """``<family>/<preset> <workdir name>``, e.g. ``ddpm/unet_demo ddpm`` (preset: ``arch.preset``,
+    ``backbone`` or ``net.arch``, left out when the config names none)."""
+    def sub(key: str, name: str) -> Any:
+        section = model.get(key)
+        return section.get(name) if isinstance(section, Mapping) else None
+
+    preset = sub("arch", "preset") or model.get("backbone") or sub("net", "arch")
+    family = str(model.get("kind", "model"))
+    return f"{family}/{preset} {Path(workdir).resolve().name}" if preset else f"{family} {Path(workdir).resolve().name}"
+
+
 def _safe_key(key: str) -> str:
     """An MLflow-valid param/metric/tag key (alphanumerics, ``_-. /:``; <= 250 chars)."""
     return re.sub(r"[^\w./\- :]", "_", key)[:MAX_KEY_LEN]
@@ -480,7 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["Tracker", "TrackingConfig", "TrackingUnavailable", "flatten_params", "git_commit", "main",
+__all__ = ["Tracker", "TrackingConfig", "TrackingUnavailable", "default_run_name", "flatten_params", "git_commit", "main",
            "replay_spool", "resolve_uri"]
 
 
