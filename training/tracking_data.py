@@ -66,7 +66,7 @@ def _schema(manifest: Mapping[str, Any]) -> Schema:
 def _profile(manifest: Mapping[str, Any], num_samples: int | None) -> dict[str, Any]:
     totals = manifest.get("totals") or {}
     prof: dict[str, Any] = {"samples": totals.get("written", num_samples), "shards": manifest.get("shard_count"),
-                            "skipped": totals.get("skipped", {}), "duplicates": totals.get("duplicates")}
+                            "skipped": totals.get("skipped"), "duplicates": totals.get("duplicates")}
     if manifest.get("kind") == "images":
         prof["image"] = manifest.get("image")
         prof["source"] = manifest.get("source_kind")

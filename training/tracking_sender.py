@@ -260,7 +260,8 @@ class Replayer:
         if found:
             model = found[0]
         else:
-            model = c.create_logged_model(exp_id, name=ev["label"], source_run_id=run_id, model_type=ev.get("family"),
+            name = ev["aliases"][0] if ev["aliases"] else "model"
+            model = c.create_logged_model(exp_id, name=name, source_run_id=run_id, model_type=ev.get("family"),
                                           tags={**ev["tags"], REGISTER_KEY_TAG: ev["key"]})
         c.log_model_artifacts(model.model_id, str(model_dir))
         step = int(ev.get("step") or 0)
