@@ -147,6 +147,8 @@ def log_to_mlflow(workdir: Path, out: Path, rows: list[dict[str, Any]], params: 
             client.log_metric(run.info.run_id, f"{r['prior']}/{r['setting']}/{c}", float(r[c]))
     for f in ("quality.png", "quality.json", "quality.md"):
         client.log_artifact(run.info.run_id, str(out / f))
+    keys = list(dict.fromkeys(k for r in rows for k in r))  # the quality-vs-cost table, sortable in the UI
+    client.log_table(run.info.run_id, {k: [r.get(k) for r in rows] for k in keys}, "quality_table.json")
     client.set_terminated(run.info.run_id)
     print(f"logged to MLflow {uri}, experiment latentpipe-quality, run {run.info.run_id}", file=sys.stderr)
 

@@ -23,6 +23,7 @@ from typing import Any, Literal
 log = logging.getLogger("latentpipe.demo")
 
 PRIORS = ("ddpm", "flow", "ar")
+EXPERIMENT = "latentpipe-demo"  # every demo run (shard, encode, training, eval) in one experiment of its own
 PROMPTS = (
     "a large red circle on the left",
     "a small blue square at the top and a large yellow star at the bottom",
@@ -119,7 +120,8 @@ class Demo:
             nproc = self.cfg.nproc or max(_gpus(), 2)
             resume = ["--resume"] if _has_checkpoint(workdir) else []
             self.latentpipe(stage, "train", str(self.configs / config), f"workdir={workdir}",
-                            f"tracking.uri={self.tracking_uri}", f"tracking.register_as=latentpipe-demo-{stage}",
+                            f"tracking.uri={self.tracking_uri}", f"tracking.experiment={EXPERIMENT}",
+                            f"tracking.register_as=latentpipe-demo-{stage}",
                             f"data.batch_size={self.cfg.batch_size}", f"seed={self.cfg.seed}", *overrides,
                             "--launcher", "torchrun", "--nproc", str(nproc), *resume)
         self.made[stage] = str(workdir / "export")
@@ -134,7 +136,8 @@ class Demo:
         if not self.skip("shard", data / "images" / "_manifest.json"):
             self.latentpipe("shard", "shard", "--source", f"synthetic:{c.samples}", "--out", str(data),
                             "--size", "32", "--format", "png", "--samples-per-shard", str(c.samples_per_shard),
-                            f"source.synthetic_seed={c.seed}", "source.synthetic_size=32", *ray)
+                            f"source.synthetic_seed={c.seed}", "source.synthetic_size=32",
+                            f"tracking.experiment={EXPERIMENT}", *ray)
         self.made["image shards"] = str(data / "images")
         images = str(data / "images")
         ae_steps = [f"steps={c.ae_steps}", f"checkpoint.every_steps={max(c.ae_steps // 2, 1)}",
@@ -160,7 +163,7 @@ class Demo:
         found = sorted((data / "latents").glob("*/_manifest.json")) if (data / "latents").exists() else []
         complete = [m.parent for m in found if json.loads(m.read_text()).get("complete")]
         args = ["encode", "--images", str(data / "images"), "--out", str(data), "--vae", str(kl),
-                "--text-encoder", "minilm", "--text-max-length", "32", *ray]
+                "--text-encoder", "minilm", "--text-max-length", "32", f"tracking.experiment={EXPERIMENT}", *ray]
         if vq is not None:
             args += ["--vqgan", str(vq)]
         if len(complete) == 1 and self.skip("encode", complete[0] / "_manifest.json"):
@@ -182,7 +185,8 @@ class Demo:
             out = self.root / "eval" / kind
             if not self.skip(f"eval-{kind}", out / "metrics.json"):
                 self.latentpipe(f"eval-{kind}", "eval", "--model", f"models:/latentpipe-demo-{kind}@final",
-                                "--scorer", str(scorer), "--n", str(self.cfg.eval_n), "--out", str(out))
+                                "--scorer", str(scorer), "--n", str(self.cfg.eval_n), "--out", str(out),
+                                "--experiment", EXPERIMENT)
             self.metrics[kind] = json.loads((out / "metrics.json").read_text())
 
     def samples(self) -> None:

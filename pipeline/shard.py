@@ -28,6 +28,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline.job_tracking import JobRecord, JobTracking, counts, log_job
 from pipeline.manifest import (
     INDEX,
     MANIFEST,
@@ -73,6 +74,7 @@ class ShardConfig:
     ray_address: str | None = None      # None: a local Ray cluster; "auto" or ray://... joins one
     num_cpus_per_task: float = 1.0
     task_retries: int = 3               # Ray retries of a shard task whose worker died
+    tracking: JobTracking = field(default_factory=JobTracking)  # a run per job (pipeline/job_tracking.py)
 
     def __post_init__(self) -> None:
         if self.samples_per_shard < 1:
@@ -84,7 +86,7 @@ class ShardConfig:
 def content_config(cfg: ShardConfig) -> dict[str, Any]:
     """The config minus run-only keys: what the output depends on (hashed, checked on reruns)."""
     d = to_dict(cfg)
-    for k in ("out", "ray_address", "num_cpus_per_task", "task_retries"):
+    for k in ("out", "ray_address", "num_cpus_per_task", "task_retries", "tracking"):
         d.pop(k)
     d["fetch"] = {"max_bytes": cfg.fetch.max_bytes}  # timeouts and politeness change nothing stored
     d["source"].pop("allow_pipe")
@@ -311,7 +313,19 @@ def run_shard_job(cfg: ShardConfig, overwrite: bool = False, retry_transient: bo
                   plan.num_shards - len(stats), plan.num_shards)
     else:
         manifest = finalize(out, stats, header, cfg)
-    return ShardJobResult(out.url, plan.num_shards, todo, failed, stats, manifest, time.monotonic() - t0)
+    result = ShardJobResult(out.url, plan.num_shards, todo, failed, stats, manifest, time.monotonic() - t0)
+    log_job(cfg.tracking, _job_record(cfg, content, result))
+    return result
+
+
+def _job_record(cfg: ShardConfig, content: dict[str, Any], result: ShardJobResult) -> JobRecord:
+    """The job's MLflow run: config, counts and skips, throughput, the image shards it wrote."""
+    metrics = {**counts(totals(result.stats), result.wall_seconds), "shards": float(result.num_shards),
+               "shards_written_now": float(len(result.ran)), "shards_failed": float(len(result.failed))}
+    folder = "/".join(result.out.rstrip("/").split("/")[-2:])
+    return JobRecord("shard", f"shard {cfg.source.spec} -> {folder}", content, metrics,
+                     [(result.out, result.manifest, "output")], result.manifest, result.summary,
+                     result.wall_seconds, result.manifest is not None)
 
 
 def finalize(out: OutputDir, stats: list[ShardStats], header: dict[str, Any], cfg: ShardConfig) -> dict[str, Any]:

@@ -44,7 +44,7 @@ from training.families import Family, family_for_data, model_config_dict
 from training.monitor import TrainMonitor, quiet_known_noise
 from training.pending import Pending, StopPoll
 from training.throughput import flops_per_sample, mfu, peak_flops
-from training.tracking import Tracker
+from training.tracking import Tracker, default_run_name
 from training.zero import (
     DistInfo,
     build_engines,
@@ -141,7 +141,8 @@ class Trainer:
         self.modules = {k: e for k, e in self.engines.items()}
         self.ema = ShardedEMA(self.engines["model"], cfg.ema.decay, cfg.ema.every) if cfg.ema.enabled else None
         t_engines = time.perf_counter()
-        self.tracker = Tracker(cfg.tracking, self.workdir, active=self.di.rank == 0, resume=cfg.resume)
+        self.tracker = Tracker(cfg.tracking, self.workdir, active=self.di.rank == 0, resume=cfg.resume,
+                               default_name=default_run_name(cfg.model, self.workdir))
         log.info("rank %d/%d: %s, %d part(s), ZeRO-%d %s, ready in %.1fs (tracker %.1fs)", self.di.rank,
                  self.di.world_size, self.family.name, len(self.engines), self.stage,
                  cfg.deepspeed.precision, time.perf_counter() - t0, time.perf_counter() - t_engines)
@@ -424,6 +425,7 @@ class Trainer:
                 self.tracker.set_tags({"resumed_from_step": str(self.step), "world_size": str(di.world_size)})
         self.tracker.set_tags({"family": self.family.name, "git_commit": _git_commit(),
                                "data_fingerprint": self.stream.fingerprint})
+        self.tracker.log_input(cfg.data.shards, self.stream.manifest, self.stream.fingerprint, self.stream.num_samples)
         gas = cfg.deepspeed.grad_accum
         it = self.stream.batches(start_sample=self.step * gas * self.stream.samples_per_step)
         self._result = TrainResult(self.step, False, None, None, self.nonfinite)

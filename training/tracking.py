@@ -1,25 +1,32 @@
-"""MLflow tracking that never stalls or crashes training (INTERFACES.md section 5).
+"""MLflow tracking that never stalls or crashes training.
 
 A write-ahead log between the training loop and MLflow:
 
 - ``log_*`` calls only put a small record on a bounded in-memory queue: no I/O, no network.
-- A *spooler* thread appends the records to a JSONL spool under the workdir
-  (``<workdir>/mlflow-spool/<run_key>.jsonl``); images are encoded, artifacts hard-linked
-  (or copied) and registered models saved next to it, so a spool is self-contained and
-  survives a crash of the training process.
-- A *sender* thread replays the spool in order to MLflow with short HTTP timeouts and no
-  client retries (MLflow's own retry one call for minutes), committing a byte offset after
-  each success. While the server is unreachable it backs off and the spool grows; when the
-  server is back the spool drains in order and each metric keeps its step and timestamp.
-- Replays are idempotent (``training/tracking_spool.py``), so a crash between a send and
-  its commit never duplicates anything.
+- A *spooler* thread (``training/tracking_spool.py``) appends the records to a JSONL spool
+  under the workdir (``<workdir>/mlflow-spool/<run_key>.jsonl``); images are encoded,
+  artifacts hard-linked (or copied), registered models saved and dataset records built next
+  to it, so a spool is self-contained and survives a crash of the training process.
+- A *sender* thread (``training/tracking_sender.py``) replays the spool in order to MLflow
+  with short HTTP timeouts and no client retries (MLflow's own retry one call for minutes),
+  committing a byte offset after each success. While the server is unreachable it backs off
+  and the spool grows; when the server is back the spool drains in order and each metric
+  keeps its step and timestamp.
+- Replays are idempotent, so a crash between a send and its commit never duplicates anything.
 - ``close()`` waits a bounded time; what is still unsent stays in the spool and is replayed
   by the next Tracker in the same workdir, or by ``replay_spool(path, uri)`` /
   ``python -m training.tracking replay PATH [--uri URI]``.
 
-Registered models are MLflow pyfunc *models from code* (``training/mlflow_model.py``) whose
-artifact is the export folder (safetensors + export.json): nothing is pickled. Only rank 0
-tracks: ``Tracker(active=False)`` starts no thread and every call returns at once.
+Registered models are MLflow 3 logged models of the run, pyfunc *models from code*
+(``training/mlflow_model.py``) whose artifact is the export folder (safetensors +
+export.json): nothing is pickled. A run's training data is its dataset input
+(``training/tracking_data.py``). Only rank 0 tracks: ``Tracker(active=False)`` starts no
+thread and every call returns at once.
+
+Naming rule: a run is called ``tracking.run_name``, else what the job passes as its
+``default_name`` (training: ``<family>/<preset> <workdir name>``); every run of one pipeline
+(shard, encode, train, eval) goes to the experiment ``tracking.experiment`` (default
+``latentpipe``).
 """
 
 from __future__ import annotations
@@ -30,9 +37,7 @@ import getpass
 import json
 import logging
 import os
-import queue
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -47,31 +52,25 @@ from typing import Any
 import yaml
 from PIL import Image
 
+from training.tracking_sender import Replayer, Sender, replay_spool
 from training.tracking_spool import (
-    REJECTED_FILE,
     RUN_KEY_TAG,
     SPOOL_DIR,
-    Replayer,
     Spool,
+    SpoolWriter,
     TrackingUnavailable,
-    drain,
     fast_fail_http,
     import_mlflow,
     link_tree,
-    replay_spool,
 )
 
 log = logging.getLogger(__name__)
 
 RUN_FILE = "mlflow-run.json"  # <workdir>/mlflow-run.json: this workdir's run key, for --resume
-QUEUE_SIZE = 100_000
 SPOOL_GRACE_S = 30.0  # close() always lets the spooler put queued events on disk for this long
 SENDER_GRACE_S = 2.0  # ... and the sender end its current attempt for this long
-ROTATE_BYTES = 8 << 20
 MAX_PARAM_LEN = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 MAX_KEY_LEN = 250  # MAX_ENTITY_KEY_LENGTH
-MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
-_STOP = object()
 
 
 @dataclass
@@ -79,8 +78,8 @@ class TrackingConfig:
     """The ``tracking:`` section of a training config."""
 
     uri: str | None = None          # None: $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db
-    experiment: str = "latentpipe"
-    run_name: str | None = None
+    experiment: str = "latentpipe"  # every run of one pipeline (shard, encode, train, eval) goes here
+    run_name: str | None = None     # None: <family>/<preset> <workdir name>
     enabled: bool = True
     system_metrics: bool = True     # mlflow's CPU/memory/disk/network/GPU monitors as system/* metrics
     register_as: str | None = None  # registered model name for final/best exports
@@ -106,6 +105,18 @@ def check_db_driver(uri: str) -> None:
 def resolve_uri(uri: str | None, workdir: Path) -> str:
     """The tracking URI: config, else $MLFLOW_TRACKING_URI, else ``sqlite:///<workdir>/mlflow.db``."""
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
+
+
+def default_run_name(model: Mapping[str, Any], workdir: Path) -> str:
+    """``<family>/<preset> <workdir name>``, e.g. ``ddpm/unet_demo ddpm`` (preset: ``arch.preset``,
+    ``backbone`` or ``net.arch``, left out when the config names none)."""
+    def sub(key: str, name: str) -> Any:
+        section = model.get(key)
+        return section.get(name) if isinstance(section, Mapping) else None
+
+    preset = sub("arch", "preset") or model.get("backbone") or sub("net", "arch")
+    family = str(model.get("kind", "model"))
+    return f"{family}/{preset} {Path(workdir).resolve().name}" if preset else f"{family} {Path(workdir).resolve().name}"
 
 
 def _safe_key(key: str) -> str:
@@ -203,7 +214,8 @@ class Tracker:
     same workdir continues its MLflow run. Every method is a cheap no-op when inactive.
     """
 
-    def __init__(self, cfg: TrackingConfig, workdir: Path, active: bool, *, resume: bool = False) -> None:
+    def __init__(self, cfg: TrackingConfig, workdir: Path, active: bool, *, resume: bool = False,
+                 default_name: str | None = None) -> None:
         self.cfg, self.workdir = cfg, Path(workdir)
         self.active = bool(active and cfg.enabled)
         self.run_id: str | None = None
@@ -230,16 +242,12 @@ class Tracker:
         self.spool_path = self._spool.path
         self.git_commit = git_commit()
 
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_SIZE)
         self._cond = threading.Condition()
-        self._spool_lock = threading.Lock()
-        self._wake, self._kick, self._stop = threading.Event(), threading.Event(), threading.Event()
-        self._closing = self._abandoned = self._sender_done = False
-        self._n_put = self._n_written = self._dropped = 0
-        self._online: bool | None = None
-        self._last_warning = 0.0
+        spool_lock = threading.Lock()
         self._results: dict[str, str | None] = {}
         self._replayer = Replayer(self._spool, self.uri, self._on_run, self._on_register)
+        self._sender = Sender(self._spool, self._replayer, self.uri, cfg.retry_max_s, self._cond, spool_lock)
+        self._writer = SpoolWriter(self._spool, self._cond, spool_lock, self._sender.wake.set, self._replayer.reject)
 
         tags = {RUN_KEY_TAG: self.run_key, "mlflow.source.type": "LOCAL", "latentpipe.host": socket.gethostname(),
                 "mlflow.source.name": Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"}
@@ -247,11 +255,9 @@ class Tracker:
             tags["mlflow.user"] = getpass.getuser()
         if self.git_commit:
             tags.update({"mlflow.source.git.commit": self.git_commit, "git_commit": self.git_commit})
-        self._put({"op": "start", "run_key": self.run_key, "experiment": cfg.experiment, "run_name": cfg.run_name,
-                   "tags": tags, "start_time": _now_ms()})
-        self._spooler = threading.Thread(target=self._spool_loop, name="tracking-spooler", daemon=True)
-        self._sender = threading.Thread(target=self._send_loop, name="tracking-sender", daemon=True)
-        self._spooler.start()
+        self._put({"op": "start", "run_key": self.run_key, "experiment": cfg.experiment,
+                   "run_name": cfg.run_name or default_name, "tags": tags, "start_time": _now_ms()})
+        self._writer.start()
         self._sender.start()
         env = os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "").lower()
         self._sysmon = None
@@ -308,11 +314,25 @@ class Tracker:
         if self.active:
             self._put({"op": "tags", "tags": {_safe_key(k): str(v)[:8000] for k, v in tags.items()}})
 
+    def log_input(self, root: str, manifest: Mapping[str, Any] | None, fingerprint: str | None = None,
+                  num_samples: int | None = None, context: str = "training") -> None:
+        """The shard folder ``root`` as a dataset input of the run (``training/tracking_data.py``).
+
+        Digest: the manifest's hash, or ``fingerprint`` for a folder without a manifest.
+        """
+        if self.active:
+            self._put({"op": "input", "context": context},
+                      ("dataset", str(root), dict(manifest or {}), fingerprint, num_samples))
+
     def register_model(self, export_dir: Path, name: str, tags: Mapping[str, str],
                        aliases: Sequence[str] = (), timeout: float = 600.0) -> str | None:
-        """Register an export folder as a new version of ``name`` (pyfunc from code) with ``aliases``.
+        """Log an export folder as a logged model of the run (pyfunc from code) and register it as a
+        new version of ``name`` with ``aliases``.
 
-        Lineage ``tags`` (data manifest hash, encoder versions, ...) get ``git_commit`` added.
+        The logged model is named by the first alias, output of the run at ``tags["step"]``, with
+        the run's latest metrics linked; its ``model_type`` is the export's family. Lineage
+        ``tags`` (data manifest hash, encoder versions, ...) get ``git_commit`` added and go on
+        both the logged model and the version.
         The alias "latest" needs no setting: ``models:/<name>/latest`` is MLflow's newest version.
         Returns ``models:/<name>/<version>`` once registered, or None when the store is
         unreachable (or slower than ``timeout``): the registration then stays spooled and is
@@ -336,15 +356,17 @@ class Tracker:
         all_tags = {**{str(k): str(v) for k, v in tags.items()}, RUN_KEY_TAG: self.run_key}
         if self.git_commit:
             all_tags.setdefault("git_commit", self.git_commit)
+        family = json.loads((src / "export.json").read_text(encoding="utf-8")).get("family")
         self._put({"op": "register", "key": key, "name": name, "tags": all_tags, "aliases": list(aliases),
-                   "label": label, "model_dir": f"{key}/model"}, ("model", key))
-        if self._online is False:  # known unreachable: registered on replay
+                   "label": label, "model_dir": f"{key}/model", "family": family, "step": tags.get("step")},
+                  ("model", key, self.git_commit))
+        if self._sender.online is False:  # known unreachable: registered on replay
             return None
         deadline = time.monotonic() + timeout
         with self._cond:
             while key not in self._results:
                 left = deadline - time.monotonic()
-                if self._online is False or left <= 0:
+                if self._sender.online is False or left <= 0:
                     return None
                 self._cond.wait(min(left, 0.5))
             return self._results.pop(key)
@@ -355,13 +377,12 @@ class Tracker:
             return True
         deadline = time.monotonic() + timeout
         with self._cond:
-            target = self._n_put
-        self._kick.set()
-        self._wake.set()
+            target = self._writer.n_put
+        self._sender.nudge()
         with self._cond:
-            while not (self._n_written >= target and not self._replayer.pending()):
+            while not (self._writer.n_written >= target and not self._replayer.pending()):
                 left = deadline - time.monotonic()
-                if left <= 0 or not self._sender.is_alive():
+                if left <= 0 or not self._sender.thread.is_alive():
                     return False
                 self._cond.wait(min(left, 0.2))
         return True
@@ -369,7 +390,7 @@ class Tracker:
     @property
     def online(self) -> bool | None:
         """Whether the last attempt to reach MLflow worked (None before the first)."""
-        return self._online if self.active else None
+        return self._sender.online if self.active else None
 
     def close(self, status: str = "FINISHED", timeout: float = 30.0) -> None:
         """End the run: send what is spooled within ``timeout`` s, else leave it on disk and say how to replay.
@@ -382,25 +403,22 @@ class Tracker:
         deadline = time.monotonic() + timeout
         if self._sysmon is not None:
             self._sysmon.stop(max(0.0, min(5.0, deadline - time.monotonic())))
-        if self._dropped:
-            log.warning("tracking: %d events were dropped because the queue was full", self._dropped)
-            self.set_tags({"latentpipe.tracking_dropped_events": self._dropped})
+        if self._writer.dropped:
+            log.warning("tracking: %d events were dropped because the queue was full", self._writer.dropped)
+            self.set_tags({"latentpipe.tracking_dropped_events": self._writer.dropped})
         self._put({"op": "end", "status": status, "end_time": _now_ms()})
         self._closed = True
         # Writing the spool is local disk work and losing it loses data: it gets at least SPOOL_GRACE_S.
-        with contextlib.suppress(queue.Full):
-            self._queue.put(_STOP, timeout=max(SPOOL_GRACE_S, deadline - time.monotonic()))
-        self._spooler.join(max(SPOOL_GRACE_S, deadline - time.monotonic()))
-        self._closing = True
+        self._writer.finish(max(SPOOL_GRACE_S, deadline - time.monotonic()))
+        self._sender.closing = True
         sent = self.flush(max(0.0, deadline - time.monotonic()))
-        self._stop.set()
-        self._kick.set()
-        self._wake.set()
+        self._sender.stop.set()
+        self._sender.nudge()
         # A short grace past the deadline lets a quick last attempt end; a hung one releases the spool on exit.
-        self._sender.join(max(SENDER_GRACE_S, deadline - time.monotonic()))
+        self._sender.thread.join(max(SENDER_GRACE_S, deadline - time.monotonic()))
         with self._cond:
-            release = self._sender_done and not self._spooler.is_alive()
-            self._abandoned = not release
+            release = self._sender.done and not self._writer.thread.is_alive()
+            self._sender.abandoned = not release
         if sent and release:
             self._spool.remove()
             return
@@ -449,198 +467,11 @@ class Tracker:
         if self._closed:
             log.warning("tracking: %s after close() ignored", event.get("op"))
             return
-        with self._cond:
-            try:
-                self._queue.put_nowait((event, payload))
-            except queue.Full:
-                self._dropped += 1
-                if self._dropped & (self._dropped - 1) == 0:  # 1, 2, 4, 8, ...: say it, but not each time
-                    log.warning("tracking queue full (the spool disk is stalled?): %d events dropped", self._dropped)
-                return
-            self._n_put += 1
-
-    def _materialize(self, event: dict[str, Any], payload: Any) -> dict[str, Any] | None:
-        """Write an event's payload (image, text, copy, saved model) into the spool's files."""
-        if payload is None:
-            return event
-        kind = payload[0]
-        if kind in ("text", "image"):
-            rel = f"{uuid.uuid4().hex}/{payload[1]}"
-            dst = self._spool.files / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            if kind == "text":
-                dst.write_text(payload[2], encoding="utf-8")
-            else:
-                payload[2].save(dst, format="PNG")
-            return {**event, "file": rel}
-        if kind == "copy":
-            dst = self._spool.files / payload[1]
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            (shutil.copytree if payload[2].is_dir() else shutil.copy2)(payload[2], dst)
-            return event
-        if kind == "model":  # pyfunc from code: MLmodel + mlflow_model.py + the export folder
-            import_mlflow()
-            import mlflow.pyfunc
-
-            logging.getLogger("mlflow.pyfunc").addFilter(_SIGNATURE_NOTICE)
-
-            folder = self._spool.files / payload[1]
-            mlflow.pyfunc.save_model(
-                path=str(folder / "model"), python_model=str(MODEL_CODE),
-                artifacts={"export": str(folder / "export")}, pip_requirements=_requirements(),
-                metadata={"latentpipe_export": "artifacts/export", "git_commit": self.git_commit or ""})
-            shutil.rmtree(folder / "export")
-            return event
-        raise ValueError(f"unknown payload {kind!r}")
-
-    def _spool_loop(self) -> None:
-        fd = os.open(self._spool.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            self._spool_items(fd)
-        finally:
-            os.close(fd)
-
-    def _spool_items(self, fd: int) -> None:
-        while True:
-            items = [self._queue.get()]
-            with contextlib.suppress(queue.Empty):
-                while len(items) < 1000:
-                    items.append(self._queue.get_nowait())
-            lines, stop = [], False
-            for item in items:
-                if item is _STOP:
-                    stop = True
-                    continue
-                try:
-                    event = self._materialize(*item)
-                except Exception as e:  # a bad image/artifact must not stop the other events
-                    log.error("tracking: could not spool %s: %s", item[0].get("op"), e)
-                    self._replayer.reject(item[0], e)
-                    continue
-                if event is not None:
-                    lines.append(json.dumps(event).encode() + b"\n")
-            try:
-                with self._spool_lock:
-                    _append_all(fd, b"".join(lines))
-            except OSError as e:  # e.g. a full disk: these events are lost, said and counted
-                with self._cond:
-                    self._dropped += len(lines)
-                log.error("tracking: could not write %d events to %s: %s", len(lines), self._spool.path, e)
-            with self._cond:
-                self._n_written += len(items) - stop
-                self._cond.notify_all()
-            self._wake.set()
-            if stop:
-                return
-
-    def _send_loop(self) -> None:
-        try:
-            self._send()
-        finally:
-            with self._cond:
-                self._sender_done = True
-                if self._abandoned:  # close() stopped waiting for this thread: release the spool now
-                    self._spool.unlock()
-
-    def _send(self) -> None:
-        self._replay_leftovers()
-        backoff = 1.0
-        while True:
-            self._wake.clear()
-            try:
-                n = self._replayer.step()
-            except TrackingUnavailable as e:
-                self._set_online(False, e)
-                if self._stop.is_set():
-                    return
-                self._kick.wait(0.5 if self._closing else backoff)
-                self._kick.clear()
-                backoff = min(backoff * 2, self.cfg.retry_max_s)
-                continue
-            if n:
-                self._set_online(True)
-                backoff = 1.0
-            with self._cond:
-                self._cond.notify_all()
-            if n == 0:
-                if self._stop.is_set():
-                    return
-                try:
-                    self._maybe_rotate()
-                except OSError as e:
-                    log.warning("tracking: could not rotate %s: %s", self._spool.path, e)
-                self._wake.wait(1.0)
-
-    def _set_online(self, ok: bool, err: BaseException | None = None) -> None:
-        with self._cond:
-            before, self._online = self._online, ok
-            self._cond.notify_all()
-        now = time.monotonic()
-        if not ok and (before is not False or now - self._last_warning > 300):
-            self._last_warning = now
-            log.warning("MLflow tracking at %s unreachable (%s); training goes on, events are spooled to %s "
-                        "and sent when it is back", self.uri, err, self._spool.path)
-        elif ok and before is False:
-            log.warning("MLflow tracking at %s reachable again; sending the spooled events", self.uri)
-
-    def _maybe_rotate(self) -> None:
-        """Empty the spool file once everything in it was sent and it grew past ROTATE_BYTES."""
-        with self._spool_lock:
-            size = self._spool.size()
-            if size >= ROTATE_BYTES and int(self._replayer.state["offset"]) == size:
-                self._replayer.state["offset"] = 0
-                self._spool.save_state(self._replayer.state)  # before the cut: a crash in between only resends
-                os.truncate(self._spool.path, 0)
-
-    def _replay_leftovers(self) -> None:
-        """Spools of earlier runs in this workdir whose process is gone: one attempt each."""
-        for path in sorted(self._spool.path.parent.glob("*.jsonl")):
-            spool = Spool(path)
-            if path == self._spool.path or path.name == REJECTED_FILE or not spool.try_lock():
-                continue
-            try:
-                n = drain(spool, str(spool.load_state().get("uri") or self.uri))
-                log.warning("tracking: replayed %d events left in %s by an earlier run", n, path)
-            except Exception as e:
-                log.warning("tracking: could not replay %s now (%s); it is kept for later", path, e)
-            finally:
-                spool.unlock()
-
-
-def _append_all(fd: int, data: bytes) -> None:
-    """Append ``data`` to an O_APPEND file whole, or not at all (a failed write is cut back off)."""
-    start = os.fstat(fd).st_size
-    view = memoryview(data)
-    try:
-        while view:
-            view = view[os.write(fd, view):]
-    except OSError:
-        os.ftruncate(fd, start)
-        raise
+        self._writer.put(event, payload)
 
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-class _DropSignatureNotice(logging.Filter):
-    """MLflow warns that our ``predict(np.ndarray)`` hint gives no signature; inputs are free-form on purpose."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Failed to infer model signature: Type hint")
-
-
-_SIGNATURE_NOTICE = _DropSignatureNotice()
-
-
-def _requirements() -> list[str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = []
-    for pkg in ("mlflow", "torch", "safetensors", "numpy"):
-        with contextlib.suppress(PackageNotFoundError):
-            out.append(f"{pkg}=={version(pkg)}")
-    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -661,7 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["Tracker", "TrackingConfig", "TrackingUnavailable", "flatten_params", "git_commit", "main",
+__all__ = ["Tracker", "TrackingConfig", "TrackingUnavailable", "default_run_name", "flatten_params", "git_commit", "main",
            "replay_spool", "resolve_uri"]
 
 

@@ -1,40 +1,42 @@
-"""The tracking spool: a JSONL write-ahead log of MLflow events and its idempotent, in-order replay.
+"""The tracking spool: a JSONL write-ahead log of MLflow events, and the thread that writes it.
 
 A spool is ``<workdir>/mlflow-spool/<run_key>.jsonl`` (one event per line: start, params,
-metrics, tags, artifact, register, end), ``<run_key>.state.json`` (the byte offset sent so
+metrics, tags, artifact, input, register, end), ``<run_key>.state.json`` (the byte offset sent so
 far, the run id and the URI), ``<run_key>.files/`` (images, artifact snapshots, saved
 models) and ``<run_key>.lock`` (held by the process writing or replaying it). It is
-self-contained: copy it anywhere and ``replay_spool(path, uri)`` it.
+self-contained: copy it anywhere and ``replay_spool(path, uri)`` it
+(``training/tracking_sender.py`` sends it).
 
-Replaying is idempotent, so a crash between a send and its commit never duplicates: runs
-are looked up by a client-side run key tag before they are created, SQL stores ignore a
-metric equal in (key, step, timestamp, value) to one they hold, params, tags and artifacts
-are rewritten with equal values, and model versions carry a registration key tag. Events
-the store refuses for good (invalid values) go to ``rejected.jsonl`` with the reason.
+``SpoolWriter`` is the tracker's spooler thread: ``put`` only queues (no I/O); the thread
+materializes payloads (PNG images, hard-linked artifacts, the pyfunc model from code next to
+an export, the MLflow dataset record of a shard folder) and appends the events whole.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
 import os
+import queue
 import shutil
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+import uuid
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("training.tracking")
 
 SPOOL_DIR = "mlflow-spool"
 REJECTED_FILE = "rejected.jsonl"  # events the store refused for good (bad values), with the reason
 RUN_KEY_TAG = "latentpipe.run_key"
 REGISTER_KEY_TAG = "latentpipe.register_key"
-BATCH_LIMITS = {"metrics": 1000, "params": 100, "tags": 100}  # MLflow's log_batch limits
-PERMANENT_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
-                    "INVALID_STATE", "BAD_REQUEST"}
+QUEUE_SIZE = 100_000
+MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 _IMPORT_LOCK = threading.Lock()
+_STOP = object()
 
 
 def import_mlflow() -> None:
@@ -48,6 +50,8 @@ def import_mlflow() -> None:
         import mlflow.pyfunc  # noqa: F401
         from mlflow import MlflowClient  # noqa: F401
 
+        import training.tracking_data  # noqa: F401  (mlflow.data)
+
 
 class TrackingUnavailable(RuntimeError):
     """The tracking store could not be reached (or failed transiently); the events stay spooled."""
@@ -55,13 +59,6 @@ class TrackingUnavailable(RuntimeError):
 
 class Rejected(ValueError):
     """An event that no retry can make the store accept."""
-
-
-def artifact_location(uri: str) -> str | None:
-    """For a sqlite store: ``<folder of the db>/mlartifacts``; other stores choose their own."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
 
 
 def fast_fail_http(timeout: int) -> None:
@@ -180,238 +177,155 @@ class Spool:
         self.unlock()
 
 
-def units(items: Sequence[tuple[dict[str, Any], int]]) -> Iterator[tuple[list[dict[str, Any]], int]]:
-    """Group consecutive metrics/params/tags events into log_batch-sized units; others go alone."""
-    unit: list[dict[str, Any]] = []
-    count, end = 0, 0
-    for event, offset in items:
-        op = event.get("op", "")
-        size = len(event.get(op, {})) if op in BATCH_LIMITS else 0
-        if unit and (op != unit[0].get("op") or op not in BATCH_LIMITS or count + size > BATCH_LIMITS[op]):
-            yield unit, end
-            unit, count = [], 0
-        unit.append(event)
-        count += size
-        end = offset
-    if unit:
-        yield unit, end
+class SpoolWriter:
+    """The spooler thread: queued ``(event, payload)`` pairs -> complete lines of the spool file.
 
-
-def chunks(items: list[Any], n: int) -> Iterator[list[Any]]:
-    for i in range(0, len(items), n):
-        yield items[i: i + n]
-
-
-class Replayer:
-    """Applies a spool's events in order to one MLflow store, committing its offset after each unit."""
-
-    def __init__(self, spool: Spool, uri: str, on_run: Any = None, on_register: Any = None) -> None:
-        self.spool, self.uri = spool, uri
-        self.state = spool.load_state()
-        self.on_run, self.on_register = on_run, on_register
-        self.rejected = 0
-        self._client: Any = None
-
-    @property
-    def client(self) -> Any:
-        if self._client is None:
-            import_mlflow()
-            from mlflow import MlflowClient
-
-            self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
-        return self._client
-
-    def pending(self) -> bool:
-        return int(self.state["offset"]) < self.spool.size()
-
-    def step(self, limit: int = 2000) -> int:
-        """Send up to ``limit`` events; the number done. Raises TrackingUnavailable (offset kept)."""
-        items = self.spool.read(int(self.state["offset"]), limit)
-        for events, end in units(items):
-            try:
-                self._apply_unit(events)
-            except Exception as e:
-                raise TrackingUnavailable(f"{type(e).__name__}: {e}") from e
-            self.state["offset"] = end
-            self.spool.save_state(self.state)
-        return len(items)
-
-    def _apply_unit(self, events: list[dict[str, Any]]) -> None:
-        try:
-            self._apply(events)
-        except Exception as e:
-            if not is_permanent(e):
-                raise
-            if len(events) == 1 and not (events[0].get("op") == "params" and len(events[0]["params"]) > 1):
-                self.reject(events[0], e)
-                return
-            for event in events:  # isolate the refused event (or param) from the good ones
-                parts = ([{**event, "params": {k: v}} for k, v in event["params"].items()]
-                         if event.get("op") == "params" else [event])
-                for part in parts:
-                    try:
-                        self._apply([part])
-                    except Exception as e2:
-                        if not is_permanent(e2):
-                            raise
-                        self.reject(part, e2)
-
-    def reject(self, event: dict[str, Any], err: BaseException) -> None:
-        self.rejected += 1
-        if self.rejected & (self.rejected - 1) == 0:  # the 1st, 2nd, 4th, 8th, ...: said, not flooded
-            log.warning("MLflow refused %d tracking event(s) for good, latest %s: %s; all are recorded in %s",
-                        self.rejected, event.get("op"), err, self.spool.path.parent / REJECTED_FILE)
-        with open(self.spool.path.parent / REJECTED_FILE, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"run_key": self.spool.path.stem, "error": str(err), "event": event}) + "\n")
-        if event.get("op") == "register" and self.on_register:
-            self.on_register(event["key"], None)
-
-    def _run(self) -> str:
-        run_id = self.state.get("run_id")
-        if not run_id:
-            raise Rejected("no MLflow run: the spool's start event was refused or is missing")
-        return str(run_id)
-
-    def _apply(self, events: list[dict[str, Any]]) -> None:
-        from mlflow.entities import Metric, Param, RunTag
-
-        op = events[0].get("op")
-        c = self.client
-        if op == "metrics":
-            metrics = [Metric(k, float(v), int(e["timestamp"]), int(e["step"]))
-                       for e in events for k, v in e["metrics"].items()]
-            for chunk in chunks(metrics, BATCH_LIMITS["metrics"]):
-                c.log_batch(self._run(), metrics=chunk)
-        elif op == "params":
-            params = [Param(k, v) for e in events for k, v in e["params"].items()]
-            for chunk in chunks(params, BATCH_LIMITS["params"]):
-                c.log_batch(self._run(), params=chunk)
-        elif op == "tags":
-            tags = [RunTag(k, v) for e in events for k, v in e["tags"].items()]
-            for chunk in chunks(tags, BATCH_LIMITS["tags"]):
-                c.log_batch(self._run(), tags=chunk)
-        elif op == "start":
-            self._start(events[0])
-        elif op == "artifact":
-            src = self.spool.files / events[0]["file"]
-            if src.exists():  # else: sent before a crash that came before its commit
-                (c.log_artifacts if src.is_dir() else c.log_artifact)(self._run(), str(src),
-                                                                      events[0].get("artifact_path"))
-                shutil.rmtree(src.parent, ignore_errors=True)
-        elif op == "register":
-            self._register(events[0])
-        elif op == "end":
-            c.set_terminated(self._run(), status=events[0]["status"], end_time=events[0]["end_time"])
-        else:
-            raise Rejected(f"unknown or corrupt spool event {events[0]!r:.200}")
-
-    def _start(self, ev: dict[str, Any]) -> None:
-        from mlflow.exceptions import MlflowException
-
-        c = self.client
-        exp = c.get_experiment_by_name(ev["experiment"])
-        if exp is not None and exp.lifecycle_stage == "deleted":
-            raise Rejected(f"experiment {ev['experiment']!r} is deleted: restore it or name another")
-        if exp is None:
-            try:
-                exp_id = c.create_experiment(ev["experiment"], artifact_location=artifact_location(self.uri))
-            except MlflowException as e:
-                if e.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
-                exp_id = c.get_experiment_by_name(ev["experiment"]).experiment_id
-        else:
-            exp_id = exp.experiment_id
-        found = c.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{ev['run_key']}'", max_results=1)
-        if found:
-            run_id = found[0].info.run_id
-            if found[0].info.status != "RUNNING":
-                c.update_run(run_id, status="RUNNING")  # a resumed job continues its run
-        else:
-            run_id = c.create_run(exp_id, start_time=ev["start_time"], tags=ev["tags"],
-                                  run_name=ev.get("run_name")).info.run_id
-        self.state.update(run_id=run_id, experiment_id=exp_id)
-        if self.on_run:
-            self.on_run(run_id)
-
-    def _register(self, ev: dict[str, Any]) -> None:
-        from mlflow.exceptions import MlflowException
-
-        c, run_id, name = self.client, self._run(), ev["name"]
-        found = [mv for mv in c.search_model_versions(f"run_id = '{run_id}'")
-                 if mv.name == name and mv.tags.get(REGISTER_KEY_TAG) == ev["key"]]
-        if found:
-            mv = found[0]
-        else:
-            model_dir = self.spool.files / ev["model_dir"]
-            if not model_dir.is_dir():
-                raise Rejected(f"saved model missing from the spool: {model_dir}")
-            artifact_path = f"models/{ev['label']}"
-            c.log_artifacts(run_id, str(model_dir), artifact_path)
-            try:
-                c.create_registered_model(name)
-            except MlflowException as e:
-                if e.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
-            mv = c.create_model_version(name, f"runs:/{run_id}/{artifact_path}", run_id=run_id,
-                                        tags={**ev["tags"], REGISTER_KEY_TAG: ev["key"]})
-        for alias in ev["aliases"]:
-            c.set_registered_model_alias(name, alias, mv.version)
-        shutil.rmtree((self.spool.files / ev["model_dir"]).parent, ignore_errors=True)
-        if self.on_register:
-            self.on_register(ev["key"], f"models:/{name}/{mv.version}")
-
-
-def is_permanent(err: BaseException) -> bool:
-    if isinstance(err, Rejected):
-        return True
-    try:
-        from mlflow.exceptions import MlflowException
-    except ImportError:
-        return False
-    return isinstance(err, MlflowException) and err.error_code in PERMANENT_ERRORS
-
-
-def drain(spool: Spool, uri: str) -> int:
-    """Send everything in ``spool`` (locked by the caller) to ``uri``; remove it when done."""
-    state = spool.load_state()
-    if state.get("run_id") and state.get("uri") not in (None, uri):
-        raise ValueError(f"{spool.path}: its run was created in {state['uri']}, not {uri}; "
-                         "replay it there (the run id only exists in that store)")
-    spool.repair()
-    replayer = Replayer(spool, uri)
-    done = 0
-    while n := replayer.step():
-        done += n
-    spool.remove()
-    return done
-
-
-def replay_spool(path: str | Path, uri: str | None = None) -> int:
-    """Send a spool left on disk (a ``.jsonl`` file, or a ``mlflow-spool`` folder) to MLflow, in order.
-
-    ``uri`` defaults to the one the spool was written for. Returns the number of events sent.
-    Raises TrackingUnavailable if the store is still unreachable (the spool is kept; retry later).
+    ``put`` never blocks or does I/O; a full queue drops the event (counted in ``dropped``).
+    Payloads: ``("text", name, str)``, ``("image", name, PIL image)``, ``("copy", rel, path)``,
+    ``("model", key, git_commit)`` (a pyfunc model from code around ``files/<key>/export``),
+    ``("dataset", root, manifest, fingerprint, num_samples)`` (an MLflow dataset record).
+    A payload that fails is rejected through ``on_reject``; the other events go on.
+    ``cond`` guards the counters and is notified after each write; ``lock`` is held while
+    appending (the sender holds it to empty the file).
     """
-    path = Path(path)
-    files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
-    files = [f for f in files if f.name != REJECTED_FILE]
-    if not files or not all(f.is_file() for f in files):
-        raise FileNotFoundError(f"no spool (*.jsonl) at {path}")
-    total = 0
-    for f in files:
-        spool = Spool(f)
-        if not spool.try_lock():
-            raise RuntimeError(f"{f} is in use by a running tracker")
+
+    def __init__(self, spool: Spool, cond: threading.Condition, lock: threading.Lock,
+                 on_written: Callable[[], None], on_reject: Callable[[dict[str, Any], BaseException], None]) -> None:
+        self.spool, self.cond, self.lock = spool, cond, lock
+        self.on_written, self.on_reject = on_written, on_reject
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_SIZE)
+        self.n_put = self.n_written = self.dropped = 0
+        self.thread = threading.Thread(target=self._loop, name="tracking-spooler", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def put(self, event: dict[str, Any], payload: Any = None) -> None:
+        with self.cond:
+            try:
+                self.queue.put_nowait((event, payload))
+            except queue.Full:
+                self.dropped += 1
+                if self.dropped & (self.dropped - 1) == 0:  # 1, 2, 4, 8, ...: say it, but not each time
+                    log.warning("tracking queue full (the spool disk is stalled?): %d events dropped", self.dropped)
+                return
+            self.n_put += 1
+
+    def finish(self, timeout: float) -> None:
+        """Let the thread write what is queued, then end; waits up to ``timeout`` s (twice at most)."""
+        with contextlib.suppress(queue.Full):
+            self.queue.put(_STOP, timeout=timeout)
+        self.thread.join(timeout)
+
+    def _loop(self) -> None:
+        fd = os.open(self.spool.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            target = uri or spool.load_state().get("uri")
-            if not target:
-                raise ValueError(f"{f}: no tracking URI recorded; pass one")
-            if target.startswith(("http://", "https://")):
-                fast_fail_http(10)
-            total += drain(spool, target)
+            self._write_items(fd)
         finally:
-            spool.unlock()
-    return total
+            os.close(fd)
+
+    def _write_items(self, fd: int) -> None:
+        while True:
+            items = [self.queue.get()]
+            with contextlib.suppress(queue.Empty):
+                while len(items) < 1000:
+                    items.append(self.queue.get_nowait())
+            lines, stop = [], False
+            for item in items:
+                if item is _STOP:
+                    stop = True
+                    continue
+                try:
+                    event = self._materialize(*item)
+                except Exception as e:  # a bad image/artifact must not stop the other events
+                    log.error("tracking: could not spool %s: %s", item[0].get("op"), e)
+                    self.on_reject(item[0], e)
+                    continue
+                lines.append(json.dumps(event).encode() + b"\n")
+            try:
+                with self.lock:
+                    append_all(fd, b"".join(lines))
+            except OSError as e:  # e.g. a full disk: these events are lost, said and counted
+                with self.cond:
+                    self.dropped += len(lines)
+                log.error("tracking: could not write %d events to %s: %s", len(lines), self.spool.path, e)
+            with self.cond:
+                self.n_written += len(items) - stop
+                self.cond.notify_all()
+            self.on_written()
+            if stop:
+                return
+
+    def _materialize(self, event: dict[str, Any], payload: Any) -> dict[str, Any]:
+        """Write an event's payload (image, text, copy, saved model, dataset record) into the spool."""
+        if payload is None:
+            return event
+        kind = payload[0]
+        if kind in ("text", "image"):
+            rel = f"{uuid.uuid4().hex}/{payload[1]}"
+            dst = self.spool.files / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if kind == "text":
+                dst.write_text(payload[2], encoding="utf-8")
+            else:
+                payload[2].save(dst, format="PNG")
+            return {**event, "file": rel}
+        if kind == "copy":
+            dst = self.spool.files / payload[1]
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            (shutil.copytree if payload[2].is_dir() else shutil.copy2)(payload[2], dst)
+            return event
+        if kind == "model":  # pyfunc from code: MLmodel + mlflow_model.py + the export folder
+            import_mlflow()
+            import mlflow.pyfunc
+
+            logging.getLogger("mlflow.pyfunc").addFilter(_SIGNATURE_NOTICE)
+            folder = self.spool.files / payload[1]
+            mlflow.pyfunc.save_model(
+                path=str(folder / "model"), python_model=str(MODEL_CODE),
+                artifacts={"export": str(folder / "export")}, pip_requirements=_requirements(),
+                metadata={"latentpipe_export": "artifacts/export", "git_commit": payload[2] or ""})
+            shutil.rmtree(folder / "export")
+            return event
+        if kind == "dataset":
+            import_mlflow()
+            from training.tracking_data import ShardDataset
+
+            return {**event, "dataset": ShardDataset(*payload[1:]).entity_dict()}
+        raise ValueError(f"unknown payload {kind!r}")
 
 
-__all__ = ["REJECTED_FILE", "RUN_KEY_TAG", "SPOOL_DIR", "Spool", "TrackingUnavailable", "replay_spool"]
+def append_all(fd: int, data: bytes) -> None:
+    """Append ``data`` to an O_APPEND file whole, or not at all (a failed write is cut back off)."""
+    start = os.fstat(fd).st_size
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError:
+        os.ftruncate(fd, start)
+        raise
+
+
+class _DropSignatureNotice(logging.Filter):
+    """MLflow warns that our ``predict(np.ndarray)`` hint gives no signature; inputs are free-form on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to infer model signature: Type hint")
+
+
+_SIGNATURE_NOTICE = _DropSignatureNotice()
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for pkg in ("mlflow", "torch", "safetensors", "numpy"):
+        with contextlib.suppress(PackageNotFoundError):
+            out.append(f"{pkg}=={version(pkg)}")
+    return out
+
+
+__all__ = ["REGISTER_KEY_TAG", "REJECTED_FILE", "RUN_KEY_TAG", "SPOOL_DIR", "Rejected", "Spool", "SpoolWriter",
+           "TrackingUnavailable", "fast_fail_http", "import_mlflow", "link_tree"]

@@ -31,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--out", help="write the metrics JSON and a sample grid PNG into this folder")
     p.add_argument("--no-log", action="store_true", help="do not log to the model's MLflow run")
+    p.add_argument("--experiment", default="latentpipe",
+                   help="experiment of the eval run when --model is not a registered model (default latentpipe)")
     p.add_argument("--scorer-steps", type=int, help="train-scorer: optimisation steps (default 2000)")
     p.add_argument("--scorer-samples", type=int, help="train-scorer: training scenes (default 30000)")
 
@@ -64,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         (out / "metrics.json").write_text(json.dumps({**settings, **metrics}, indent=2))
         grid.save(out / "samples.png")
     if not args.no_log:
-        _log_to_mlflow(args.model, prior.meta, metrics, settings, grid)
+        log_to_mlflow(args.model, prior.meta, metrics, settings, grid, args.experiment)
     width = max(len(k) for k in metrics)
     print(f"{prior.kind} model {args.model} on {args.n} held-out prompts", file=sys.stderr)
     for k, v in metrics.items():
@@ -87,26 +89,42 @@ def _train_scorer(args: argparse.Namespace) -> int:
     return 0
 
 
-def _log_to_mlflow(uri: str, meta: dict, metrics: dict[str, float], settings: dict, grid: object) -> None:
-    """Log to the run that produced a registered model, else to a new run in 'latentpipe-eval'."""
+def log_to_mlflow(uri: str, meta: dict, metrics: dict[str, float], settings: dict, grid: object,
+                  experiment: str = "latentpipe") -> None:
+    """Log an evaluation where a person looks for it.
+
+    To the run that produced a registered model (``models:/name@alias`` or ``models:/name/N``),
+    else to a new run ``eval <family> <model>`` in ``experiment``: the metrics as
+    ``eval/<settings>/<metric>``, the sample grid ``eval/<settings>/samples.png`` and one row
+    per evaluation in the sortable table ``eval/results.json`` (``mlflow.log_table``). A
+    registered version also gets the results as tags (``eval.<metric>``, ``eval.settings``,
+    ``eval.run_id``), so the registry page compares versions.
+    """
     import mlflow
 
-    run_id = None
-    if uri.startswith("models:/"):
-        name_ver = uri.removeprefix("models:/")
-        client = mlflow.MlflowClient()
-        if "@" in name_ver:
-            name, alias = name_ver.split("@", 1)
-            run_id = client.get_model_version_by_alias(name, alias).run_id
-        else:
-            name, version = name_ver.split("/", 1)
-            run_id = client.get_model_version(name, version).run_id
+    client = mlflow.MlflowClient()
+    mv = None
     tag = "-".join(str(settings[k]) for k in ("sampler", "steps", "cfg") if settings[k] is not None) or "default"
     try:
-        if run_id is None:
-            mlflow.set_experiment("latentpipe-eval")
-        with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"eval-{meta['family']}"):
+        if uri.startswith("models:/"):
+            name_ver = uri.removeprefix("models:/")
+            if "@" in name_ver:
+                mv = client.get_model_version_by_alias(*name_ver.split("@", 1))
+            else:
+                mv = client.get_model_version(*name_ver.split("/", 1))
+        if mv is None:
+            mlflow.set_experiment(experiment)
+        name = None if mv else f"eval {meta['family']} {uri.rstrip('/').rsplit('/', 1)[-1]}"
+        with mlflow.start_run(run_id=mv.run_id if mv else None, run_name=name) as run:
             mlflow.log_metrics({f"eval/{tag}/{k}": float(v) for k, v in metrics.items()})
             mlflow.log_image(grid, f"eval/{tag}/samples.png")  # type: ignore[arg-type]
+            row = {"model": uri, "version": mv.version if mv else None, "settings": tag, "n": settings["n"],
+                   "seed": settings["seed"], **{k: float(v) for k, v in metrics.items()}}
+            mlflow.log_table({k: [v] for k, v in row.items()}, artifact_file="eval/results.json")
+        if mv is not None:
+            for key, value in {**{f"eval.{k}": f"{float(v):.4g}" for k, v in metrics.items()},
+                               "eval.settings": f"{tag} n={settings['n']} seed={settings['seed']}",
+                               "eval.run_id": run.info.run_id}.items():
+                client.set_model_version_tag(mv.name, mv.version, key, value)
     except Exception as e:  # tracking must never lose the printed result
         log.warning("could not log the evaluation to MLflow (%s); metrics printed below", e)

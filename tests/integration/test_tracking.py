@@ -236,7 +236,7 @@ def test_resume_continues_the_same_run(tmp_path: Path) -> None:
 
 def test_spool_rotates_once_sent_without_losing_or_doubling(tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("training.tracking.ROTATE_BYTES", 1500)  # a few dozen events per spool file
+    monkeypatch.setattr("training.tracking_sender.ROTATE_BYTES", 1500)  # a few dozen events per spool file
     cfg = TrackingConfig(uri=migrated_sqlite(tmp_path / "store.db"), system_metrics=False)
     tracker = Tracker(cfg, tmp_path, active=True)
     spool = tracker.spool_path
