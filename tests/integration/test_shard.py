@@ -22,8 +22,8 @@ import pytest
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.manifest import OutputMismatchError
 from pipeline.shard import CRASH_HOOK_ENV, ShardConfig, run_shard_job
+from pipeline.shard_store import OutputMismatchError
 from preprocessing.captions import CaptionConfig
 from preprocessing.fetch import FetchConfig
 from preprocessing.images import ImageConfig
