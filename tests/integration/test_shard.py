@@ -125,7 +125,7 @@ def _tars(d: Path) -> tuple[str, dict[str, Any]]:
             info = tarfile.TarInfo("../escape.jpg")
             info.size = 3
             tf.addfile(info, io.BytesIO(b"abc"))
-    return str(d / "in-{0..1}.tar"), {"written": 10, "duplicates": 0, "skipped": {"unsafe_name": 2}}
+    return str(d / "in-{0..1}.tar"), {"written": 10, "duplicates": 0, "skipped": {"member_unsafe_name": 2}}
 
 
 def _synthetic(d: Path) -> tuple[str, dict[str, Any]]:
