@@ -1,4 +1,4 @@
-"""``latentpipe encode``: image shards -> latent shards, a Ray job (DESIGN.md, "Latent shards").
+"""``latentpipe encode``: image shards -> latent shards, a Ray job (README, "Stages and on-disk formats").
 
 Precomputing the frozen encoders once (Rombach et al. 2022, section 4) is the main cost
 saving of latent-space training. Work units are whole shards:

@@ -206,7 +206,9 @@ class SampleReader:
 
 
 def collate(samples: list[dict[str, Any]], max_text_len: int) -> dict[str, Any]:
-    """Stack decoded samples into the batch dict of INTERFACES.md section 3."""
+    """Stack decoded samples into a batch: ``__key__`` and ``caption`` lists, then ``image`` [B, 3, H, W]
+    float32 in [-1, 1], or ``latent`` as stored (e.g. [B, 2C, h, w]) (+ ``tokens`` [B, N] int64, ``pooled`` [B, D]) and
+    ``text`` [B, T, D] float32 with ``text_mask`` [B, T] bool, zero-padded or cut to ``max_text_len``."""
     batch: dict[str, Any] = {"__key__": [s["__key__"] for s in samples],
                              "caption": [s["caption"] for s in samples]}
     if "image" in samples[0]:

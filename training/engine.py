@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -35,7 +34,7 @@ from training.ema import ShardedEMA
 from training.export import consolidated_state_dict, save_export
 from training.families import Family, family_for_data, model_config_dict
 from training.throughput import flops_per_sample, mfu, peak_flops
-from training.tracking import Tracker
+from training.tracking import Tracker, git_commit
 from training.zero import DistInfo, build_engines, build_modules, setup_distributed, uses_fp32_partitions
 
 log = logging.getLogger("latentpipe.train")
@@ -75,15 +74,6 @@ class _StopFlag:
     def uninstall(self) -> None:
         if self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
-
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
@@ -240,7 +230,7 @@ class Trainer:
                      "ema_decay": self.cfg.ema.decay if self.ema else None,
                      "config_hash": config_hash(self.cfg), "data_fingerprint": self.stream.fingerprint,
                      "data_manifest_hash": manifest.get("config_hash"), "encoder_id": manifest.get("encoder_id"),
-                     "encoders": encoders, "git_commit": _git_commit()}
+                     "encoders": encoders, "git_commit": (git_commit() or "unknown")}
             save_export(out, self.family.name, model_config_dict(self.family), state, extra)
             (out / "train_config.json").write_text(json.dumps(to_dict(self.cfg), indent=1), encoding="utf-8")
             if self.cfg.tracking.register_as:
@@ -360,7 +350,7 @@ class Trainer:
                 save_config(cfg, path)
                 self.tracker.log_artifact(path, "resumes")
                 self.tracker.set_tags({"resumed_from_step": str(self.step), "world_size": str(di.world_size)})
-        self.tracker.set_tags({"family": self.family.name, "git_commit": _git_commit(),
+        self.tracker.set_tags({"family": self.family.name, "git_commit": (git_commit() or "unknown"),
                                "data_fingerprint": self.stream.fingerprint})
         gas = cfg.deepspeed.grad_accum
         it = self.stream.batches(start_sample=self.step * gas * self.stream.samples_per_step)

@@ -1,4 +1,4 @@
-"""MLflow tracking that never stalls or crashes training (INTERFACES.md section 5).
+"""MLflow tracking that never stalls or crashes training.
 
 A write-ahead log between the training loop and MLflow:
 
