@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch
 
 from pipeline.encode import EncodeConfig, EncoderWorker, decode_shard, list_inputs, resolve_source, run_encode
-from pipeline.manifest import OutputDir
+from pipeline.shard_store import OutputDir
 from preprocessing.encoders import KLVAEEncoder, TextEncoder
 
 

@@ -14,7 +14,6 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import fields
 from pathlib import Path
 from types import ModuleType
 from typing import Any, NoReturn, TypeVar
@@ -84,10 +83,6 @@ def print_config_and_exit(cfg: Any, args: argparse.Namespace) -> bool:
         sys.stdout.write(dump_yaml(cfg))
         return True
     return False
-
-
-def config_keys(cls: type) -> list[str]:
-    return [f.name for f in fields(cls)]
 
 
 def _load(name: str) -> ModuleType:

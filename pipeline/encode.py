@@ -1,4 +1,4 @@
-"""``latentpipe encode``: image shards -> latent shards, a Ray job (DESIGN.md, "Latent shards").
+"""``latentpipe encode``: image shards -> latent shards, a Ray job (README, "Stages and on-disk formats").
 
 Precomputing the frozen encoders once (Rombach et al. 2022, section 4) is the main cost
 saving of latent-space training. Work units are whole shards:
@@ -10,7 +10,7 @@ run while an actor encodes. We drive Ray actors directly rather than Ray Data
 ``map_batches(ActorPoolStrategy)``: Ray Data streams blocks that mix rows of different
 shards and writes one file per block, so one output tar per input shard, renamed into place
 only when complete, would need a custom datasink that reassembles shards. With the shard as
-the unit, atomicity is one rename (``pipeline.manifest.AtomicTar``), a retried task rewrites
+the unit, atomicity is one rename (``pipeline.shard_store.AtomicTar``), a retried task rewrites
 the same shard, and each distinct caption of a shard is encoded once. Inside a shard the
 actor runs batched inference.
 
@@ -28,11 +28,10 @@ import json
 import logging
 import re
 import shutil
-import tarfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -41,21 +40,20 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.job_tracking import JobRecord, JobTracking, counts, log_job
-from pipeline.manifest import (
-    MANIFEST,
-    SHARD_RE,
-    OutputDir,
-    ShardStats,
-    clear_output,
-    shard_name,
-    summary_table,
-    totals,
-    write_index,
-    write_manifest,
-)
+from pipeline.manifest import summary_table, totals, write_index, write_manifest
+from pipeline.shard_store import MANIFEST, SHARD_RE, OutputDir, ShardStats, clear_output, shard_name
 from preprocessing import __version__
 from preprocessing.config import ConfigError, to_dict
 from preprocessing.progress import Progress
+from preprocessing.tar_format import (
+    SAMPLE_TRUNCATED,
+    TAR_UNREADABLE,
+    drop_cut_sample,
+    group_members,
+    image_ext,
+    read_ranges,
+    scan_tar,
+)
 
 if TYPE_CHECKING:
     from preprocessing.encoders import Encoder
@@ -63,7 +61,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("latentpipe.encode")
 
 SCHEMA_VERSION = 1
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 INDEX_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.int64()), ("caption", pa.string()),
                           ("text_len", pa.int32())])
 _RUN_ONLY = ("ray_address", "overwrite", "num_actors", "actor_cpus", "inflight_per_actor", "mlflow_uri",
@@ -236,26 +233,6 @@ def build_encoder(src: EncoderSource, cfg: EncodeConfig, device: str | None) -> 
 # ----------------------------------------------------------------------------- decode (CPU task)
 
 
-def _iter_tar(fh: Any, size: int) -> Iterator[tuple[str, str, bytes]]:
-    """(key, extension, bytes) of each regular file of a seekable tar stream; ``tarfile.ReadError`` on damage.
-
-    Python's tarfile (like webdataset's iterator over it) takes a tar cut at a header boundary
-    for a complete archive, so the end-of-archive marker (two zero blocks) is checked too.
-    """
-    with tarfile.open(fileobj=fh, mode="r|") as tf:
-        for m in tf:
-            if not m.isreg():
-                continue
-            key, _, ext = m.name.partition(".")  # keys hold no dot (pipeline.manifest.AtomicTar)
-            data = tf.extractfile(m).read()  # type: ignore[union-attr]
-            yield key, ext.lower(), data
-        end = tf.offset  # where the end-of-archive marker must be
-    fh.seek(end)
-    marker = fh.read(2 * tarfile.BLOCKSIZE)
-    if len(marker) < 2 * tarfile.BLOCKSIZE or any(marker):
-        raise tarfile.ReadError(f"truncated: no end-of-archive marker at byte {end} of {size}")
-
-
 def decode_shard(inp: OutputDir, shard: int, need_images: bool) -> dict[str, Any]:
     """Read one image shard; decode images to uint8 ``[n, H, W, 3]`` groups of equal size.
 
@@ -271,12 +248,11 @@ def decode_shard(inp: OutputDir, shard: int, need_images: bool) -> dict[str, Any
     metas: list[bytes | None] = []
     pixels: list[np.ndarray] = []
 
-    def finish(key: str, files: dict[str, bytes], cut: bool) -> None:
-        stats.inputs += 1
-        img_ext = next((e for e in IMAGE_EXTS if e in files), None)
+    def finish(key: str, files: dict[str, bytes]) -> None:
+        img_ext = image_ext(files)
         if img_ext is None or "txt" not in files:
             what = "image" if img_ext is None else "caption"
-            stats.skip("truncated_sample" if cut else f"missing_{what}", key=key, detail=f"files: {sorted(files)}")
+            stats.skip(f"missing_{what}", key=key, detail=f"files: {sorted(files)}")
             return
         try:
             caption = files["txt"].decode("utf-8")
@@ -295,21 +271,27 @@ def decode_shard(inp: OutputDir, shard: int, need_images: bool) -> dict[str, Any
         metas.append(files.get("json"))
 
     name = f"{shard_name(shard)}.tar"
-    current: tuple[str, dict[str, bytes]] | None = None
     truncated: str | None = None
     try:
         with inp.fs.open_input_file(inp.path(name)) as fh:
-            for key, ext, data in _iter_tar(fh, inp.size(name)):
-                if current is not None and key != current[0]:
-                    finish(*current, cut=False)
-                    current = None
-                if current is None:
-                    current = (key, {})
-                current[1][ext] = data
-    except (tarfile.TarError, EOFError, OSError) as e:  # damage: keep what was read before it
-        truncated = f"{type(e).__name__}: {e}"
-    if current is not None:
-        finish(*current, cut=truncated is not None)
+            scan = scan_tar(fh, inp.size(name))
+            if scan.damage is not None:  # damage: keep what precedes it
+                truncated = f"{scan.damage}: {scan.detail}"
+            samples, _ = group_members(scan.members)
+            cut = drop_cut_sample(samples, scan.damage)
+            for sm in samples:
+                stats.inputs += 1
+                if sm.problems:
+                    stats.skip(sm.problems[0], key=sm.key)
+                    continue
+                exts = sorted(sm.members)
+                finish(sm.key, dict(zip(exts, read_ranges(fh, [(sm.members[e].offset, sm.members[e].size)
+                                                               for e in exts]))))
+            if cut is not None:
+                stats.inputs += 1
+                stats.skip(SAMPLE_TRUNCATED, key=cut.key, detail=f"files: {sorted(cut.members)}")
+    except OSError as e:  # the file went away or shrank while read
+        truncated = f"{TAR_UNREADABLE}: {type(e).__name__}: {e}"
     stats.extra["truncated"] = truncated
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, a in enumerate(pixels):

@@ -29,7 +29,8 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.job_tracking import JobRecord, JobTracking, counts, log_job
-from pipeline.manifest import (
+from pipeline.manifest import summary_table, totals, write_index, write_manifest
+from pipeline.shard_store import (
     INDEX,
     MANIFEST,
     OutputDir,
@@ -38,10 +39,6 @@ from pipeline.manifest import (
     prepare_output,
     rewrite_without,
     shards_to_run,
-    summary_table,
-    totals,
-    write_index,
-    write_manifest,
 )
 from preprocessing import __version__
 from preprocessing.captions import CaptionConfig, CaptionError, normalize_caption

@@ -30,7 +30,6 @@ import os
 import posixpath
 import re
 import subprocess
-import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, ClassVar, Literal
@@ -39,26 +38,35 @@ import fsspec
 import pyarrow as pa
 
 from preprocessing.synthetic import encode_image, make_scene
+from preprocessing.tar_format import (
+    IMAGE_EXTS,
+    READ_ERRORS,
+    SAMPLE_TRUNCATED,
+    TAR_TRUNCATED,
+    TAR_UNREADABLE,
+    Member,
+    TarScan,
+    drop_cut_sample,
+    group_members,
+    image_ext,
+    scan_tar,
+    stream_tar,
+)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 CAPTION_EXTS = ("txt", "text", "caption")
 TABLE_EXTS = (".parquet", ".pq", ".csv", ".tsv", ".jsonl", ".ndjson")
 TAR_EXTS = (".tar", ".tar.gz", ".tgz")
 IMAGE_COLUMNS = ("image", "url", "path", "file", "jpg", "png", "img")
 CAPTION_COLUMNS = ("caption", "text", "txt", "TEXT", "prompt")
 
-# Skip reasons produced by readers.
-DUPLICATE_NAME = "duplicate_name"
+# Skip reasons produced by readers; tar damage uses the names of ``preprocessing.tar_format``.
+DUPLICATE_NAME = "duplicate_name"    # folder: a.jpg and a.png share one caption
 MISSING_FILE = "missing_file"
 UNREADABLE_FILE = "unreadable_file"
 READ_ERROR = "read_error"          # an I/O error that may go away (counted as transient)
 TOO_LARGE = "too_large"
 NO_IMAGE = "no_image"
 UNSAFE_URL = "unsafe_url"
-UNSAFE_NAME = "unsafe_name"
-UNSAFE_MEMBER = "unsafe_member"
-CORRUPT_TAR = "corrupt_tar"
-TRUNCATED_TAR = "truncated_tar"
 BAD_SIDECAR = "bad_sidecar"
 CORRUPT_TABLE = "corrupt_table"
 
@@ -390,17 +398,6 @@ class TableSource(Source):
 
 # ------------------------------------------------------------------------------------------- tars
 
-# Member name -> (key, extension), as webdataset groups them: the key ends at the first dot
-# of the base name ("dir/a.seg.png" -> "dir/a", "seg.png").
-_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")
-_Member = tuple[int, int, int]                # (offset of data, size, ordinal in the archive)
-
-
-def _unsafe_name(name: str) -> bool:
-    return (name.startswith(("/", "\\")) or "\x00" in name or "\\" in name
-            or any(part == ".." for part in name.split("/")) or bool(re.match(r"^[A-Za-z]:", name)))
-
-
 def _is_compressed(head: bytes) -> bool:
     return head[:2] == b"\x1f\x8b" or head[:3] == b"BZh" or head[:6] == b"\xfd7zXZ\x00"
 
@@ -414,7 +411,7 @@ class TarSource(Source):
         self.max_bytes, self.caption_field = max_bytes, cfg.caption_field
         self.tars: list[tuple[str, int, bool]] = []  # (url or pipe:cmd, size, streamed)
         # (tar index, key, image (ext, member) | None, caption member, json member, error, detail)
-        self.items: list[tuple[int, str, tuple[str, _Member] | None, _Member | None, _Member | None,
+        self.items: list[tuple[int, str, tuple[str, Member] | None, Member | None, Member | None,
                                str | None, str]] = []
         for t, url in enumerate(paths):
             self._plan_tar(t, url)
@@ -429,74 +426,50 @@ class TarSource(Source):
         return fs.open(path, "rb"), None
 
     def _plan_tar(self, t: int, url: str) -> None:
-        size, err = 0, None
-        members: list[tuple[tarfile.TarInfo, int]] = []
+        size = 0
         try:
             f, proc = self._open(url)
         except OSError as e:  # unreadable (permissions, a vanished file): one counted input
             self.tars.append((url, 0, True))
-            self.items.append((t, f"<tar error {len(self.items)}>", None, None, None, CORRUPT_TAR,
-                               f"{url}: {type(e).__name__}: {e}"))
+            self._tar_error(t, TAR_UNREADABLE, f"{url}: {type(e).__name__}: {e}")
             return
         try:
             streamed = proc is not None or _is_compressed(f.read(6))
             if proc is None:
+                f.seek(0)
+            if streamed:
+                members: list[Member] = []
+                try:
+                    members.extend(m for m, _ in stream_tar(f))
+                    scan = TarScan(members)
+                except READ_ERRORS as e:
+                    scan = TarScan(members, TAR_TRUNCATED if members else TAR_UNREADABLE, f"{type(e).__name__}: {e}")
+            else:
                 fs, path = fsspec.core.url_to_fs(url)
                 size = int(fs.size(path))
-                f.seek(0)
-            try:
-                with tarfile.open(fileobj=f, mode="r|*" if streamed else "r:") as tf:
-                    for ordinal, m in enumerate(tf):
-                        members.append((m, ordinal))
-                    end = tf.offset
-                if not streamed and size - end > 20 * 1024:  # an invalid header ends tarfile early
-                    err = f"unreadable data after byte {end} of {size}"
-                elif not streamed and size > end:
-                    f.seek(end)
-                    if f.read().strip(b"\0"):
-                        err = f"unreadable data after byte {end}"
-            except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-                err = f"{type(e).__name__}: {e}"
+                scan = scan_tar(f, size)
         finally:
             f.close()
             if proc is not None:
                 proc.kill()
                 proc.wait()
         self.tars.append((url, size, streamed))
-        self._group(t, members, size, streamed)
-        if err is not None:
-            self.items.append((t, f"<tar error {len(self.items)}>", None, None, None, CORRUPT_TAR, f"{url}: {err}"))
+        samples, _ = group_members(scan.members)
+        cut = drop_cut_sample(samples, scan.damage)
+        for sm in samples:
+            ext = image_ext(sm.members)
+            cap = next((sm.members[e] for e in CAPTION_EXTS if e in sm.members), None)
+            error = sm.problems[0] if sm.problems else (None if ext else NO_IMAGE)
+            self.items.append((t, sm.key, (ext, sm.members[ext]) if ext else None, cap, sm.members.get("json"),
+                               error, f"{sm.key}: {', '.join(sm.problems)}" if sm.problems else sm.key))
+        if cut is not None:
+            self.items.append((t, cut.key, None, None, None, SAMPLE_TRUNCATED, f"{cut.key}: cut with the tar"))
+        if scan.damage is not None:
+            self._tar_error(t, scan.damage, f"{url}: {scan.detail}")
 
-    def _group(self, t: int, members: list[tuple[tarfile.TarInfo, int]], size: int, streamed: bool) -> None:
-        groups: list[tuple[str, dict[str, _Member], list[str]]] = []  # (key, ext -> member, errors)
-        seen: set[str] = set()
-        for m, ordinal in members:
-            if m.isdir():
-                continue
-            match = _KEY_EXT.match(m.name)
-            if match is None:
-                continue  # no extension: not part of any sample
-            key, ext = match.group(1), match.group(2).lower()
-            if not groups or groups[-1][0] != key:
-                groups.append((key, {}, [DUPLICATE_NAME] if key in seen else []))
-                seen.add(key)
-            _, exts, errors = groups[-1]
-            if _unsafe_name(m.name):
-                errors.append(UNSAFE_NAME)
-            elif not m.isreg():
-                errors.append(UNSAFE_MEMBER)
-            elif ext in exts:
-                errors.append(DUPLICATE_NAME)
-            elif not streamed and m.offset_data + m.size > size:
-                errors.append(TRUNCATED_TAR)
-            else:
-                exts[ext] = (m.offset_data, m.size, ordinal)
-        for key, exts, errors in groups:
-            image = next(((e, exts[e]) for e in IMAGE_EXTS if e in exts), None)
-            cap = next((exts[e] for e in CAPTION_EXTS if e in exts), None)
-            error = errors[0] if errors else (None if image else NO_IMAGE)
-            self.items.append((t, key, image, cap, exts.get("json"), error, f"{key}: {', '.join(errors)}"
-                               if errors else key))
+    def _tar_error(self, t: int, reason: str, detail: str) -> None:
+        """Damage of a whole tar: one counted input, so the accounting shows it."""
+        self.items.append((t, f"<tar error {len(self.items)}>", None, None, None, reason, detail))
 
     def _fingerprint_items(self) -> Iterable[str]:
         for url, size, _ in self.tars:
@@ -521,7 +494,7 @@ class TarSource(Source):
             if error is None:
                 for role, member in (("image", image[1] if image else None), ("caption", cap), ("json", js)):
                     if member is not None:
-                        wanted[member[2]] = (i, role)
+                        wanted[member.ordinal] = (i, role)
         got: dict[tuple[int, str], bytes] = {}
         failed: dict[int, tuple[str, str]] = {}
         try:
@@ -545,7 +518,7 @@ class TarSource(Source):
             if s.error is None and image is not None:
                 s.data = got.get((i, "image"))
                 if s.data is None:
-                    s.error, s.detail = CORRUPT_TAR, f"{key}.{image[0]}: member not found when read"
+                    s.error, s.detail = TAR_UNREADABLE, f"{key}.{image[0]}: member not found when read"
                 obj = _json_object(got[(i, "json")]) if (i, "json") in got else None
                 if obj is not None:
                     s.meta["source_meta"] = obj
@@ -563,7 +536,7 @@ class TarSource(Source):
                 for role, member in (("image", image[1] if image else None), ("caption", cap), ("json", js)):
                     if member is None or error is not None or i in failed:
                         continue
-                    off, size, _ = member
+                    off, size = member.offset, member.size
                     if role == "image" and size > self.max_bytes:
                         failed[i] = (TOO_LARGE, f"{size} bytes")
                         continue
@@ -574,27 +547,23 @@ class TarSource(Source):
                         failed[i] = (READ_ERROR, f"{type(e).__name__}: {e}")
                         continue
                     if len(data) != size:
-                        failed[i] = (TRUNCATED_TAR, f"member at byte {off}: {len(data)} of {size} bytes")
+                        failed[i] = (TAR_TRUNCATED, f"member at byte {off}: {len(data)} of {size} bytes")
                     got[(i, role)] = data
             return got, failed
-        last, done = max(wanted, default=-1), -1
+        done = -1
         try:
-            with tarfile.open(fileobj=f, mode="r|*") as tf:
-                for ordinal, m in enumerate(tf):
-                    if ordinal > last:
-                        break
-                    if ordinal in wanted:
-                        i, role = wanted[ordinal]
-                        ex = tf.extractfile(m)
-                        if role == "image" and m.size > self.max_bytes:
-                            failed[i] = (TOO_LARGE, f"{m.size} bytes")
-                        elif ex is not None:
-                            got[(i, role)] = ex.read()
-                    done = ordinal
-        except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+            for m, blob in stream_tar(f, wanted, self.max_bytes):
+                if m.ordinal in wanted:
+                    i, role = wanted[m.ordinal]
+                    if role == "image" and m.size > self.max_bytes:
+                        failed[i] = (TOO_LARGE, f"{m.size} bytes")
+                    elif blob is not None:
+                        got[(i, role)] = blob
+                done = m.ordinal
+        except READ_ERRORS as e:
             for ordinal, (i, _) in wanted.items():
                 if ordinal > done:
-                    failed.setdefault(i, (CORRUPT_TAR, f"{type(e).__name__}: {e}"))
+                    failed.setdefault(i, (TAR_TRUNCATED, f"{type(e).__name__}: {e}"))
         return got, failed
 
 

@@ -1,4 +1,4 @@
-"""Tiny shard folders in the on-disk formats of INTERFACES.md sections 1-2, for tests.
+"""Tiny shard folders in the on-disk formats of ``latentpipe shard`` and ``latentpipe encode``, for tests.
 
 ``make_image_shards`` writes built-in captioned scenes, ``make_latent_shards`` random
 latents / tokens / text embeddings; both write real WebDataset tars (``webdataset.TarWriter``)

@@ -14,7 +14,7 @@ Reads. A torch DataLoader runs a map-style dataset of steps (step k -> this rank
 collated batch); steps go to workers round-robin and come back in order, so the keys do
 not depend on ``num_workers``. Each sample is one byte-range read of its tar members.
 
-Safety and damage. Only known extensions are ever decoded (images: jpg/jpeg/png/webp via
+Safety and damage. Only known extensions are ever decoded (images: ``tar_format.IMAGE_EXTS`` via
 PIL; latents: ``.npy`` via ``np.load(allow_pickle=False)``; txt; json is never read); any
 other member (``.pkl``, ``.pth``, ...) is never read and counted as ``member_ignored:<ext>``.
 Damaged tars and samples are counted by reason in ``ShardStream.skipped`` (never raised):
@@ -41,14 +41,8 @@ import torch
 from PIL import Image
 
 from preprocessing.config import ConfigError
-from training.tar_index import (
-    IMAGE_EXTS,
-    SampleIndex,
-    build_index,
-    open_binary,
-    read_ranges,
-    resolve_shards,
-)
+from preprocessing.tar_format import IMAGE_EXTS, read_ranges
+from training.tar_index import SampleIndex, build_index, open_binary, resolve_shards
 
 log = logging.getLogger("latentpipe.data")
 
@@ -212,7 +206,9 @@ class SampleReader:
 
 
 def collate(samples: list[dict[str, Any]], max_text_len: int) -> dict[str, Any]:
-    """Stack decoded samples into the batch dict of INTERFACES.md section 3."""
+    """Stack decoded samples into a batch: ``__key__`` and ``caption`` lists, then ``image`` [B, 3, H, W]
+    float32 in [-1, 1], or ``latent`` as stored (e.g. [B, 2C, h, w]) (+ ``tokens`` [B, N] int64, ``pooled`` [B, D]) and
+    ``text`` [B, T, D] float32 with ``text_mask`` [B, T] bool, zero-padded or cut to ``max_text_len``."""
     batch: dict[str, Any] = {"__key__": [s["__key__"] for s in samples],
                              "caption": [s["caption"] for s in samples]}
     if "image" in samples[0]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -44,7 +43,7 @@ from training.families import Family, family_for_data, model_config_dict
 from training.monitor import TrainMonitor, quiet_known_noise
 from training.pending import Pending, StopPoll
 from training.throughput import flops_per_sample, mfu, peak_flops
-from training.tracking import Tracker, default_run_name
+from training.tracking import Tracker, default_run_name, git_commit
 from training.zero import (
     DistInfo,
     build_engines,
@@ -93,15 +92,6 @@ class _StopFlag:
     def uninstall(self) -> None:
         if self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
-
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
@@ -267,7 +257,7 @@ class Trainer:
                      "ema_decay": self.cfg.ema.decay if self.ema else None,
                      "config_hash": config_hash(self.cfg), "data_fingerprint": self.stream.fingerprint,
                      "data_manifest_hash": manifest.get("config_hash"), "encoder_id": manifest.get("encoder_id"),
-                     "encoders": encoders, "git_commit": _git_commit()}
+                     "encoders": encoders, "git_commit": (git_commit() or "unknown")}
             save_export(out, self.family.name, model_config_dict(self.family), state, extra)
             (out / "train_config.json").write_text(json.dumps(to_dict(self.cfg), indent=1), encoding="utf-8")
             if self.cfg.tracking.register_as:
@@ -423,7 +413,7 @@ class Trainer:
                 save_config(cfg, path)
                 self.tracker.log_artifact(path, "resumes")
                 self.tracker.set_tags({"resumed_from_step": str(self.step), "world_size": str(di.world_size)})
-        self.tracker.set_tags({"family": self.family.name, "git_commit": _git_commit(),
+        self.tracker.set_tags({"family": self.family.name, "git_commit": (git_commit() or "unknown"),
                                "data_fingerprint": self.stream.fingerprint})
         self.tracker.log_input(cfg.data.shards, self.stream.manifest, self.stream.fingerprint, self.stream.num_samples)
         gas = cfg.deepspeed.grad_accum

@@ -1,4 +1,4 @@
-"""Consolidated model export: ``model.safetensors`` + ``export.json`` (INTERFACES.md section 4).
+"""Consolidated model export: ``model.safetensors`` + ``export.json`` of a family's primary module.
 
 The export holds the primary module's full (unsharded) weights, the EMA weights when the
 EMA is on, and the family config that rebuilds the module. Loading never unpickles: the

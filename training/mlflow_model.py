@@ -2,7 +2,7 @@
 
 ``training.tracking`` saves registered models with ``mlflow.pyfunc.save_model(python_model=
 <this file>, artifacts={"export": <export dir>})``: MLflow copies this source file and the
-export folder (``model.safetensors`` + ``export.json``, INTERFACES.md section 4) into the model,
+export folder (``model.safetensors`` + ``export.json``, see ``training/export.py``) into the model,
 and on load executes this file and calls ``load_context``. Nothing is pickled; the weights
 load through ``training.export.load_export`` (safetensors only), so the loading environment
 needs latentpipe installed.

@@ -6,14 +6,15 @@ order expensive; instead each tar is indexed once from its headers (Python's ``t
 reads only the 512-byte headers and seeks over the data) and a sample is then a handful
 of byte ranges, read with one ``seek`` + ``read`` (the idea of webdataset's ``wids``).
 
-Damage is found while indexing and reported, never raised: a tar cut short (no
-end-of-archive blocks, a member running past the end of the file, a garbled header) keeps
-its intact members, drops the sample that was being written when it broke, and counts
-``tar_truncated`` / ``sample_truncated``. An unreadable tar counts ``tar_unreadable``.
+Damage is found while indexing and reported, never raised, in the vocabulary of
+``preprocessing/tar_format.py`` (which also owns the member scan and the key rule): a tar cut
+short keeps its intact members, drops the sample that was being written when it broke, and
+counts ``tar_truncated`` / ``sample_truncated``; an unreadable tar counts ``tar_unreadable``.
 
 ``build_index`` groups members into samples (webdataset's key rule), keeps the samples that
 have every field the training kind needs and counts the rest (``sample_missing:<ext>``,
-``member_ignored:<ext>`` for extensions that are never read, ``sample_duplicate_key``).
+``member_ignored:<ext>`` for extensions that are never read, ``sample_duplicate_key``, and the
+first member problem of a sample, e.g. ``member_duplicate``).
 
 Indexes are cached (``$LATENTPIPE_CACHE`` or ``~/.cache/latentpipe``, keyed by the tar's
 path, size and mtime) as ``.npz`` files read with ``allow_pickle=False``.
@@ -26,9 +27,7 @@ import io
 import json
 import logging
 import os
-import tarfile
 from collections import Counter
-from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from glob import glob
@@ -37,15 +36,26 @@ from typing import IO, Any
 
 import numpy as np
 from braceexpand import braceexpand
-from webdataset.tariterators import base_plus_ext
 
 from preprocessing.config import ConfigError
+from preprocessing.tar_format import (
+    IMAGE_EXTS,
+    MEMBER_NOT_A_FILE,
+    SAMPLE_DUPLICATE_KEY,
+    SAMPLE_TRUNCATED,
+    TAR_UNREADABLE,
+    Member,
+    Sample,
+    TarScan,
+    drop_cut_sample,
+    group_members,
+    scan_tar,
+    split_key,
+)
 
 log = logging.getLogger("latentpipe.data")
 
-BLOCK = 512
 INDEX_VERSION = 1
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 LATENT_REQUIRED = ("latent.npy", "text.npy")
 LATENT_OPTIONAL = ("tokens.npy", "pooled.npy")
 KNOWN_UNREAD = ("json",)  # part of the format, not used for training: never read
@@ -84,60 +94,29 @@ def _file_size(f: IO[bytes]) -> int:
     return f.tell()
 
 
-def scan_tar(path: str) -> TarIndex:
+def scan_shard(path: str) -> TarIndex:
     """Index ``path`` from its headers; damage is counted in ``problems``, never raised."""
-    names: list[str] = []
-    offsets: list[int] = []
-    sizes: list[int] = []
     problems: Counter[str] = Counter()
-    truncated = False
     try:
         with open_binary(path) as f:
-            size = _file_size(f)
-            f.seek(0)
-            with tarfile.open(fileobj=f, mode="r:") as tf:
-                while True:
-                    try:
-                        ti = tf.next()
-                    except tarfile.TarError as e:  # a garbled header or data cut short
-                        log.warning("%s: damaged after %d members: %s", path, len(names), e)
-                        truncated = True
-                        break
-                    if ti is None:
-                        break
-                    if ti.offset_data + ti.size > size:
-                        truncated = True
-                        break
-                    if ti.isfile():
-                        names.append(ti.name)
-                        offsets.append(ti.offset_data)
-                        sizes.append(ti.size)
-                    elif not ti.isdir():
-                        problems["member_not_a_file"] += 1
-                end = tf.offset  # where the end-of-archive blocks must start
-                if not truncated:
-                    f.seek(end)
-                    end_blocks = f.read(2 * BLOCK)
-                    truncated = len(end_blocks) < 2 * BLOCK or end_blocks.count(0) != len(end_blocks)
-    except (OSError, tarfile.TarError) as e:
-        log.warning("%s: unreadable tar: %s", path, e)
-        problems["tar_unreadable"] += 1
+            scan = scan_tar(f, _file_size(f))
+    except OSError as e:
+        scan = TarScan([], TAR_UNREADABLE, f"{type(e).__name__}: {e}")
+    if scan.damage is not None:
+        log.warning("%s: %s after %d members: %s", path, scan.damage, len(scan.members), scan.detail)
+        problems[scan.damage] += 1
+    if scan.damage == TAR_UNREADABLE:
         return TarIndex(path, [], np.zeros(0, np.int64), np.zeros(0, np.int64), problems)
-    if truncated:
-        problems["tar_truncated"] += 1
-        # The last sample may have lost members after the cut: it is kept only when it has
-        # the extensions of the sample before it.
-        split = [base_plus_ext(n) for n in names]
-        tail = len(split)  # split[tail:] is the last sample, split[head:tail] the one before
-        while tail > 0 and split[tail - 1][0] == split[-1][0]:
-            tail -= 1
-        head = tail
-        while head > 0 and split[head - 1][0] == split[tail - 1][0]:
-            head -= 1
-        if tail > 0 and {e for _, e in split[tail:]} != {e for _, e in split[head:tail]}:
-            del names[tail:], offsets[tail:], sizes[tail:]
-            problems["sample_truncated"] += 1
-    return TarIndex(path, names, np.asarray(offsets, np.int64), np.asarray(sizes, np.int64), problems)
+    problems[MEMBER_NOT_A_FILE] += sum(not m.is_file and not m.is_dir for m in scan.members)
+    files = [m for m in scan.members if m.is_file]
+    samples, _ = group_members(files)
+    cut = drop_cut_sample(samples, scan.damage)
+    if cut is not None:  # the last sample may have lost members after the cut
+        problems[SAMPLE_TRUNCATED] += 1
+        while files and split_key(files[-1].name)[0] == cut.key:
+            files.pop()
+    return TarIndex(path, [m.name for m in files], np.asarray([m.offset for m in files], np.int64),
+                    np.asarray([m.size for m in files], np.int64), +problems)
 
 
 def _cache_file(path: str, cache_dir: Path) -> Path | None:
@@ -191,7 +170,7 @@ def index_tar(path: str, cache_dir: Path | None = None) -> TarIndex:
             return _load(path, cache)
         except (OSError, ValueError, KeyError) as e:
             log.warning("ignoring unreadable tar index cache %s: %s", cache, e)
-    idx = scan_tar(path)
+    idx = scan_shard(path)
     if cache is not None and "tar_unreadable" not in idx.problems:
         try:
             _save(idx, cache)
@@ -200,61 +179,11 @@ def index_tar(path: str, cache_dir: Path | None = None) -> TarIndex:
     return idx
 
 
-def group_samples(idx: TarIndex) -> tuple[list[str], list[dict[str, tuple[int, int]]], Counter[str]]:
-    """Group members into samples by key (webdataset's ``base_plus_ext`` split).
-
-    Returns (keys, members, problems): ``members[i]`` maps extension -> (offset, size) for
-    ``keys[i]``. Keys appear in tar order. A repeated ``<key>.<ext>`` member keeps the
-    first one and counts ``member_duplicate``; names without an extension count
-    ``member_without_extension``.
-    """
-    keys: list[str] = []
-    members: list[dict[str, tuple[int, int]]] = []
-    where: dict[str, int] = {}
-    problems: Counter[str] = Counter()
-    for name, off, size in zip(idx.names, idx.offsets.tolist(), idx.sizes.tolist()):
-        key, ext = base_plus_ext(name)
-        if key is None:
-            problems["member_without_extension"] += 1
-            continue
-        i = where.get(key)
-        if i is None:
-            where[key] = i = len(keys)
-            keys.append(key)
-            members.append({})
-        if ext in members[i]:
-            problems["member_duplicate"] += 1
-            continue
-        members[i][ext] = (off, size)
-    return keys, members, problems
-
-
-def read_ranges(f: IO[bytes], ranges: Iterable[tuple[int, int]]) -> list[bytes]:
-    """Read byte ranges ``(offset, size)``; one read when they are close together.
-
-    A sample's members are consecutive in its tar, separated by 512-byte headers, so
-    one span read replaces one read per member.
-    """
-    rs = list(ranges)
-    if not rs:
-        return []
-    lo = min(o for o, _ in rs)
-    hi = max(o + s for o, s in rs)
-    payload = sum(s for _, s in rs)
-    if hi - lo <= payload + 4 * BLOCK * len(rs):
-        f.seek(lo)
-        span = f.read(hi - lo)
-        if len(span) != hi - lo:
-            raise OSError(f"short read: {len(span)} of {hi - lo} bytes at {lo}")
-        return [span[o - lo:o - lo + s] for o, s in rs]
-    out = []
-    for o, s in rs:
-        f.seek(o)
-        b = f.read(s)
-        if len(b) != s:
-            raise OSError(f"short read: {len(b)} of {s} bytes at {o}")
-        out.append(b)
-    return out
+def group_samples(idx: TarIndex) -> tuple[list[Sample], Counter[str]]:
+    """The samples of one indexed tar (``preprocessing.tar_format.group_members``) and the count
+    of members that belong to none."""
+    return group_members(Member(n, o, z, i, True) for i, (n, o, z) in
+                         enumerate(zip(idx.names, idx.offsets.tolist(), idx.sizes.tolist())))
 
 
 def resolve_shards(spec: str) -> tuple[list[str], Counter[str], dict[str, Any] | None]:
@@ -332,13 +261,13 @@ def build_index(paths: list[str], kind: str, problems: Counter[str]) -> SampleIn
         indexes = list(pool.map(index_tar, paths))
     for idx in indexes:
         problems.update(idx.problems)
-        keys, members, gp = group_samples(idx)
-        problems.update(gp)
-        grouped.append((keys, members))
+        samples, loose = group_samples(idx)
+        problems.update(loose)
+        grouped.append(samples)
     if kind == "images":
         fields: tuple[str, ...] = ("image", "txt")
     else:  # an optional field present anywhere is required everywhere (one encoder per folder)
-        present = {e for _, ms in grouped for m in ms for e in m}
+        present = {e for ss in grouped for sm in ss for e in sm.members}
         fields = (*LATENT_REQUIRED, *(e for e in LATENT_OPTIONAL if e in present), "txt")
     known = set(fields) | set(KNOWN_UNREAD) | (set(IMAGE_EXTS) if kind == "images" else set())
     seen: set[str] = set()
@@ -346,11 +275,16 @@ def build_index(paths: list[str], kind: str, problems: Counter[str]) -> SampleIn
     keys_out: list[str] = []
     rows: list[list[tuple[int, int]]] = []
     exts: list[int] = []
-    for s, (keys, members) in enumerate(grouped):
-        for key, m in zip(keys, members):
+    for s, samples in enumerate(grouped):
+        for sample in samples:
+            key = sample.key
+            m = {e: (mb.offset, mb.size) for e, mb in sample.members.items()}
             for e in m:
                 if e not in known:
                     problems[f"member_ignored:{e}"] += 1
+            if sample.problems:
+                problems[sample.problems[0]] += 1
+                continue
             ext = 0
             if kind == "images":
                 imgs = [i for i, e in enumerate(IMAGE_EXTS) if e in m]
@@ -366,7 +300,7 @@ def build_index(paths: list[str], kind: str, problems: Counter[str]) -> SampleIn
                 problems[f"sample_missing:{missing[0]}"] += 1
                 continue
             if key in seen:
-                problems["sample_duplicate_key"] += 1
+                problems[SAMPLE_DUPLICATE_KEY] += 1
                 continue
             seen.add(key)
             shard_ids.append(s)

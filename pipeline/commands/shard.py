@@ -10,8 +10,8 @@ import logging
 import sys
 
 from pipeline.cli import UserError, add_config_arguments, print_config_and_exit, resolve_config
-from pipeline.manifest import OutputMismatchError
 from pipeline.shard import ShardConfig, run_shard_job
+from pipeline.shard_store import OutputMismatchError
 from preprocessing.sources import SourceError
 
 NAME = "shard"

@@ -278,7 +278,7 @@ def test_decode_keeps_what_precedes_any_tar_damage(tmp_path: Path) -> None:
     """Cut mid-member, cut at a header boundary (which tarfile alone takes for a complete
     archive), garbage and empty files: every case is flagged and the intact samples are kept."""
     from pipeline.encode import decode_shard
-    from pipeline.manifest import OutputDir
+    from pipeline.shard_store import OutputDir
     from tests.shards import make_image_shards
 
     folder = make_image_shards(tmp_path, 1, 6)

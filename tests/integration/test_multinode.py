@@ -202,7 +202,7 @@ def test_train_two_ranks_under_ray_train(ray_multinode: MultiNodeCluster, sharde
 
     ckpt = latest_complete(work / "checkpoints")
     assert ckpt is not None and ckpt.step == TRAIN_STEPS and ckpt.state["world_size"] == 2
-    # Data parallel (INTERFACES.md section 3): global step s is rank 0's slice then rank 1's, and
+    # Data parallel (training/data.py's order): global step s is rank 0's slice then rank 1's, and
     # the global sample order walks one permutation of the dataset per epoch.
     slices: dict[tuple[int, int], list[str]] = {}
     for rank in (0, 1):

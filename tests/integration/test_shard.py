@@ -22,8 +22,8 @@ import pytest
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.manifest import OutputMismatchError
 from pipeline.shard import CRASH_HOOK_ENV, ShardConfig, run_shard_job
+from pipeline.shard_store import OutputMismatchError
 from preprocessing.captions import CaptionConfig
 from preprocessing.fetch import FetchConfig
 from preprocessing.images import ImageConfig
@@ -125,7 +125,7 @@ def _tars(d: Path) -> tuple[str, dict[str, Any]]:
             info = tarfile.TarInfo("../escape.jpg")
             info.size = 3
             tf.addfile(info, io.BytesIO(b"abc"))
-    return str(d / "in-{0..1}.tar"), {"written": 10, "duplicates": 0, "skipped": {"unsafe_name": 2}}
+    return str(d / "in-{0..1}.tar"), {"written": 10, "duplicates": 0, "skipped": {"member_unsafe_name": 2}}
 
 
 def _synthetic(d: Path) -> tuple[str, dict[str, Any]]:

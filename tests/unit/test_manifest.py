@@ -11,7 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.manifest import (
+from pipeline.manifest import summary_table, totals, write_index
+from pipeline.shard_store import (
     PLAN,
     OutputDir,
     OutputMismatchError,
@@ -20,9 +21,6 @@ from pipeline.manifest import (
     prepare_output,
     rewrite_without,
     shards_to_run,
-    summary_table,
-    totals,
-    write_index,
 )
 
 

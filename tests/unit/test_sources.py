@@ -15,6 +15,7 @@ import pytest
 import webdataset as wds
 
 from preprocessing import sources as src
+from preprocessing import tar_format
 from preprocessing.fetch import FetchConfig, Fetcher, is_transient, retry_after_seconds
 from preprocessing.sources import RawSample, Source, SourceConfig, SourceError, open_source
 from preprocessing.synthetic import encode_image, make_scene
@@ -211,13 +212,13 @@ def test_tar_hostile_members_stay_data(tmp_path: Path) -> None:
     for x in _all(s):
         got.setdefault(x.source_id.split(":", 1)[1], x)  # first sample of each key
     assert got["ok"].data == _jpg(0) and got["ok"].caption == b"fine" and got["ok"].error is None
-    assert got["../../escape"].error == src.UNSAFE_NAME and got["../../escape"].data is None
-    assert got["/abs/root"].error == src.UNSAFE_NAME
-    assert got["link"].error == src.UNSAFE_MEMBER
-    assert got["twice"].error == src.DUPLICATE_NAME
+    assert got["../../escape"].error == tar_format.MEMBER_UNSAFE_NAME and got["../../escape"].data is None
+    assert got["/abs/root"].error == tar_format.MEMBER_UNSAFE_NAME
+    assert got["link"].error == tar_format.MEMBER_NOT_A_FILE
+    assert got["twice"].error == tar_format.MEMBER_DUPLICATE
     assert got["model"].error == src.NO_IMAGE and got["model"].data is None
     assert got["again"].error is None
-    assert [x.error for x in _all(s)].count(src.DUPLICATE_NAME) == 2  # "twice" and the second "ok"
+    assert [x.error for x in _all(s)].count(tar_format.SAMPLE_DUPLICATE_KEY) == 1  # the second "ok"
     assert all(b"pwned" not in (x.data or b"") for x in _all(s))
     assert not (tmp_path / "escape.jpg").exists() and not (tmp_path.parent / "escape.jpg").exists()
 
@@ -231,13 +232,14 @@ def test_truncated_and_malformed_tars(tmp_path: Path) -> None:
     (tmp_path / "zero.tar").write_bytes(b"")
     (tmp_path / "notatar.tar").write_bytes(b"hello world" * 100)
     cut = _all(open_source(SourceConfig(spec=str(tmp_path / "cut.tar"))))
-    assert [x.error for x in cut if x.error] == [src.TRUNCATED_TAR, src.CORRUPT_TAR]  # the cut member, the rest
+    # the sample the cut went through, then the tar itself
+    assert [x.error for x in cut if x.error] == [tar_format.SAMPLE_TRUNCATED, tar_format.TAR_TRUNCATED]
     assert sum(x.error is None for x in cut) >= 1  # what was readable before the cut is kept
     bad = _all(open_source(SourceConfig(spec=str(garbage))))
-    assert bad[-1].error == src.CORRUPT_TAR
+    assert bad[-1].error == tar_format.TAR_TRUNCATED  # garbled from a header on: no end-of-archive marker
     for name in ("zero.tar", "notatar.tar"):
         r = _all(open_source(SourceConfig(spec=str(tmp_path / name))))
-        assert [x.error for x in r] == [src.CORRUPT_TAR]
+        assert [x.error for x in r] == [tar_format.TAR_UNREADABLE]
 
 
 def test_compressed_tar_and_pipe(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from training.families.base import PRIMARY, Family
 
 FAMILIES: dict[str, type[Family]] = {}
 
-# Modules imported on first lookup; a module that is missing (not written yet) is skipped.
+# Modules imported on first lookup.
 BUILTIN_MODULES = (
     "training.families.toy",
     "training.families.autoencoder",
@@ -48,11 +48,7 @@ def _load_builtins() -> None:
         return
     _loaded = True
     for mod in BUILTIN_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:  # the module exists but one of its imports is missing: a real error
-                raise
+        importlib.import_module(mod)  # a missing module is an error, never an "unknown family"
 
 
 def get_family(name: str) -> type[Family]:

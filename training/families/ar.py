@@ -1,4 +1,4 @@
-"""The ``ar`` family: a DALL·E-style autoregressive prior over VQGAN tokens (INTERFACES §4).
+"""The ``ar`` family: a DALL·E-style autoregressive prior over VQGAN tokens.
 
 Trains on latent shards (``tokens``, ``text``, ``text_mask``) with next-token cross-entropy and
 caption dropout; samples token grids with top-k / top-p and classifier-free guidance, decoded to

@@ -1,6 +1,6 @@
 """Stage-1 autoencoder families for the trainer: ``kl_vae`` (AutoencoderKL) and ``vqgan`` (VQModel).
 
-Two parts when the adversary is on (INTERFACES section 4): ``"model"`` (the autoencoder, primary:
+Two parts when the adversary is on (``Family.parts`` in ``training/families/base.py``): ``"model"`` (the autoencoder, primary:
 EMA, export) and ``"disc"`` (a PatchGAN), each with its own DeepSpeed engine and optimizer;
 ``parts(step)`` adds ``"disc"`` from ``loss.disc_start`` on. The generator objective runs inside
 the model engine's forward (``ObjectiveForward``) because the adaptive adversarial weight takes

@@ -1,4 +1,4 @@
-"""The model-family contract the trainer runs (INTERFACES.md section 4).
+"""The model-family contract the trainer runs.
 
 A family owns its modules, its objective and its sample grids; the engine owns
 distribution, optimisation, EMA, checkpoints and export. One DeepSpeed engine (with its

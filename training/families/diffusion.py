@@ -1,4 +1,4 @@
-"""The ``ddpm`` family: latent diffusion on VAE latents conditioned on text tokens (INTERFACES §4).
+"""The ``ddpm`` family: latent diffusion on VAE latents conditioned on text tokens.
 
 Consumes latent batches: ``latent`` [B, 2C, h, w] (posterior mean ‖ log-variance), ``text``
 [B, L, D], ``text_mask`` [B, L]. Each step draws z = mean + exp(logvar / 2) n (a fresh
@@ -34,7 +34,7 @@ from training.families import register
 from training.families.base import Family
 from training.guidance import TextCond
 from training.models import BackboneSpec, Denoiser, NullText, build_denoiser
-from training.objectives import LatentBatch
+from training.objectives import ContinuousObjective, LatentBatch
 from training.objectives.ddpm import DDPMConfig, DDPMObjective
 from training.samplers import Sampler, diffusion_sampler
 
@@ -125,6 +125,7 @@ class LatentPriorFamily(Family, abc.ABC):
     data_kind = "latents"
     cfg: LatentPriorConfig
     time_scale: float  # objective time -> backbone timestep embedding input
+    objective: ContinuousObjective  # set by the subclass
 
     def __init__(self, cfg: LatentPriorConfig) -> None:
         super().__init__(cfg)
@@ -144,11 +145,11 @@ class LatentPriorFamily(Family, abc.ABC):
         seed = (((self.cfg.noise_seed * 1_000_003 + step) * 65_537 + rank) * 257 + micro) % (2**63)
         return torch.Generator(device=device).manual_seed(seed)
 
-    @abc.abstractmethod
     def objective_loss(
         self, model: nn.Module, batch: LatentBatch, generator: torch.Generator | None
     ) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         """The objective on scaled latents."""
+        return self.objective.loss(model, batch, generator)
 
     @abc.abstractmethod
     def sampler(self) -> tuple[Sampler, int, float | None]:
@@ -267,15 +268,11 @@ class DiffusionFamily(LatentPriorFamily):
     config_class = DiffusionFamilyConfig
     cfg: DiffusionFamilyConfig
     time_scale = 1.0  # DDPM's t is already the integer step in {1..T}
+    objective: DDPMObjective
 
     def __init__(self, cfg: DiffusionFamilyConfig) -> None:
         super().__init__(cfg)
         self.objective = DDPMObjective(cfg.objective)
-
-    def objective_loss(
-        self, model: nn.Module, batch: LatentBatch, generator: torch.Generator | None
-    ) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
-        return self.objective.loss(model, batch, generator)
 
     def sampler(self) -> tuple[Sampler, int, float | None]:
         s = self.cfg.sample

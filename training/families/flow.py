@@ -1,4 +1,4 @@
-"""The ``flow`` family: rectified-flow prior on VAE latents conditioned on text tokens (INTERFACES §4).
+"""The ``flow`` family: rectified-flow prior on VAE latents conditioned on text tokens.
 
 Same data path as ``ddpm`` (a fresh posterior sample per step, the VAE scaling factor,
 caption dropout with the model's null embedding; see ``training/families/diffusion.py``),
@@ -12,12 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-import torch
-from torch import nn
-
 from training.families import register
 from training.families.diffusion import LatentPriorConfig, LatentPriorFamily
-from training.objectives import LatentBatch
 from training.objectives.flow import FlowConfig, FlowObjective
 from training.samplers import Sampler, flow_sampler
 
@@ -52,11 +48,6 @@ class FlowFamily(LatentPriorFamily):
     def __init__(self, cfg: FlowFamilyConfig) -> None:
         super().__init__(cfg)
         self.objective = FlowObjective(cfg.objective)
-
-    def objective_loss(
-        self, model: nn.Module, batch: LatentBatch, generator: torch.Generator | None
-    ) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
-        return self.objective.loss(model, batch, generator)
 
     def sampler(self) -> tuple[Sampler, int, float | None]:
         s = self.cfg.sample

@@ -117,13 +117,6 @@ class AutoencoderArchConfig:
             raise ValueError(f"unknown autoencoder preset {self.preset!r} (known: {', '.join(PRESETS)})")
 
 
-def preset_kind(preset: str) -> Kind:
-    """``"kl"`` or ``"vq"`` for a preset name."""
-    kind = PRESETS[preset]()["kind"]
-    assert kind in ("kl", "vq")
-    return kind  # type: ignore[no-any-return]
-
-
 DEFAULT_PRESET: dict[str, str] = {"kl": "kl_demo", "vq": "vq_demo"}
 _NOT_DIFFUSERS = ("preset", "pretrained", "logvar_init")
 
@@ -314,11 +307,6 @@ def compute_scaling_factor(model: Autoencoder, batches: Iterable[torch.Tensor], 
     return float(1.0 / var**0.5)
 
 
-def set_scaling_factor(model: Autoencoder, value: float) -> None:
-    """Store the latent scaling factor in the diffusers config (written by ``save_pretrained``)."""
-    model.register_to_config(scaling_factor=float(value))
-
-
 __all__ = [
     "DEFAULT_PRESET",
     "PRESETS",
@@ -336,9 +324,7 @@ __all__ = [
     "is_kl",
     "latent_sample",
     "load_pretrained",
-    "preset_kind",
     "reconstruct",
-    "set_scaling_factor",
     "vq_decode_latents",
     "vq_decode_tokens",
     "vq_encode_tokens",

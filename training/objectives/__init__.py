@@ -36,6 +36,13 @@ class LatentBatch:
     cond: Any
 
 
+class ContinuousObjective(Protocol):
+    """``loss(model, batch, generator) -> (scalar loss, values to log: device tensors or floats)``: DDPM, rectified flow."""
+
+    def loss(self, model: Model, batch: LatentBatch,
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]: ...
+
+
 def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error over all but the batch dimension: [B, ...] x2 -> [B]."""
     return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
