@@ -30,6 +30,7 @@ SUBCOMMANDS = (
     "pipeline.commands.sample",
     "pipeline.commands.eval",
     "pipeline.commands.demo",
+    "pipeline.commands.verify",
 )
 
 T = TypeVar("T")

@@ -16,6 +16,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nproc", type=int, default=1, help="ranks per node (ray: workers in all)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest complete checkpoint in the workdir (an error if none)")
+    p.add_argument("--resume-on-changed-data", action="store_true",
+                   help="with --resume: continue even though the shards, data.seed or global batch changed "
+                        "(otherwise refused, naming what differs)")
     p.add_argument("--nnodes", type=int, default=1, help="nodes (torchrun/deepspeed multi-node)")
     p.add_argument("--node-rank", type=int, default=0, help="this node's rank (torchrun, deepspeed --no_ssh)")
     p.add_argument("--master-addr", help="rendezvous host of node 0 (multi-node)")
@@ -29,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
     from training.families import family_for_data
     from training.launch import LaunchOptions, launch
 
-    cfg = resolve_config(TrainConfig, args, {"resume": True if args.resume else None})
+    cfg = resolve_config(TrainConfig, args, {"resume": True if args.resume else None,
+                                             "resume_on_changed_data": True if args.resume_on_changed_data else None})
     if print_config_and_exit(cfg, args):
         return 0
     if not cfg.data.shards:
