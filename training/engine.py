@@ -113,6 +113,7 @@ class Trainer:
         self.family: Family = family_for_data(cfg.model, cfg.data.kind)
         self.resume_from = self._find_resume()
         self.stream = ShardStream(cfg.data, self.di.rank, self.di.world_size)
+        self.family.bind_data(self.stream.manifest)  # e.g. the latent priors' VAE scaling/shift factors
         self._data_start = 0  # the global sample position the stream continues from
         if self.resume_from is not None:  # refuse other data before any engine is built
             self._data_start = self.stream.resume_position(
