@@ -394,15 +394,16 @@ class ShardStream:
 
 
 def shard_digest(path: str) -> str:
-    """A shard's content digest: its ``.stats.json`` (rewritten whenever the shard is) and size;
-    without stats the tar's size, mtime and sha256 (streamed); a URL: its name only."""
+    """A shard's content digest: the tar's size and mtime plus the sha256 of its ``.stats.json``
+    (rewritten whenever the shard is), or without stats of the tar itself (streamed); a URL: its
+    name only. A copy of the shards to a new place (new mtimes) counts as changed data."""
     if "://" in path:
         return ""
     tar = Path(path)
+    st = tar.stat()
     stats = tar.with_name(tar.name[:-4] + ".stats.json") if tar.name.endswith(".tar") else None
     if stats is not None and stats.is_file():
-        return f"{tar.stat().st_size}:{hashlib.sha256(stats.read_bytes()).hexdigest()}"
-    st = tar.stat()
+        return f"{st.st_size}:{st.st_mtime_ns}:{hashlib.sha256(stats.read_bytes()).hexdigest()}"
     with open(tar, "rb") as f:
         return f"{st.st_size}:{st.st_mtime_ns}:{hashlib.file_digest(f, 'sha256').hexdigest()}"
 
