@@ -162,23 +162,28 @@ class CheckpointError(CheckpointFileError):
 def select_resume(root: Path) -> CheckpointInfo:
     """The newest complete checkpoint whose files match their digests.
 
-    A damaged one is skipped with a warning naming its bad file (an older one is used);
-    raises ``CheckpointError`` when there is none, naming the newest one's bad file.
+    A damaged one is skipped with a warning naming its bad file and, once an older intact one
+    is found, renamed to ``step-N.damaged`` (so the resumed run saves that step anew); raises ``CheckpointError`` when there is none, naming the newest one's bad file.
     """
     found = list_complete(root)
     if not found:
         raise CheckpointError(f"--resume: no complete checkpoint under {root}")
     problems: list[str] = []
+    damaged: list[Path] = []
     for info in reversed(found):
         problem = verify(info)
         if problem is None:
             if info.files is None:
                 log.warning("checkpoint %s has no digests (saved by an older latentpipe): not verified", info.path)
+            for path in damaged:  # kept for inspection, no longer counted (the run saves those steps anew)
+                path.rename(path.with_name(path.name + ".damaged"))
+                log.warning("moved the damaged checkpoint aside to %s.damaged", path)
             if problems:
                 log.warning("resuming from the older checkpoint %s", info.path)
             return info
         log.warning("checkpoint %s is damaged, not used: %s", info.path, problem)
         problems.append(problem)
+        damaged.append(info.path)
     raise CheckpointError(f"--resume: no intact checkpoint under {root}: {problems[0]}"
                           + (f" (and {len(problems) - 1} older damaged)" if len(problems) > 1 else ""))
 

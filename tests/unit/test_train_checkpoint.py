@@ -8,6 +8,7 @@ import logging
 import pickle
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,9 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint_then_fails_naming_the
     with caplog.at_level(logging.WARNING, logger="latentpipe.train"):
         assert select_resume(root).step == 2
     assert f"{bad3}: " in caplog.text and "truncated" in caplog.text
+    assert step_dir(root, 3).with_name("step-000003.damaged").is_dir()  # aside: no longer counted
+    assert [c.step for c in list_complete(root)] == [1, 2]
+    shutil.move(str(step_dir(root, 3).with_name("step-000003.damaged")), str(step_dir(root, 3)))
     for s in (1, 2):
         f = step_dir(root, s) / "model" / "states.pt"
         data = f.read_bytes()
