@@ -31,7 +31,7 @@ TWO = ("--launcher", "torchrun", "--nproc", "2")
 
 
 def _cmd(workdir: Path, shards: Path, *extra: str) -> list[str]:
-    flags = [a for a in extra if a.startswith("-") or a.isdigit()]  # after every key=value
+    flags = [a for a in extra if "=" not in a or a.startswith("-")]  # after every key=value
     return [sys.executable, "-m", "pipeline.cli", "train", str(ROOT / "configs/train_toy.yaml"),
             f"data.shards={shards}", f"workdir={workdir}", *BASE, *[a for a in extra if a not in flags], *flags]
 
