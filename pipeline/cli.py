@@ -29,6 +29,7 @@ SUBCOMMANDS = (
     "pipeline.commands.sample",
     "pipeline.commands.eval",
     "pipeline.commands.demo",
+    "pipeline.commands.verify",
 )
 
 T = TypeVar("T")

@@ -147,11 +147,9 @@ class Demo:
         if "ar" in c.priors:
             vq = self.train("vqgan", "ae_vq_demo.yaml", root / "runs" / "vqgan", *ae_steps)
         latents = self.encode(data, kl, vq, ray)
-        manifest = json.loads((latents / "_manifest.json").read_text())
-        scaling = manifest.get("scaling_factor") or 1.0
         for kind in c.priors:
             steps = c.ar_steps if kind == "ar" else c.prior_steps
-            refs = [f"model.vqgan={vq}"] if kind == "ar" else [f"model.vae={kl}", f"model.scaling_factor={scaling}"]
+            refs = [f"model.vqgan={vq}"] if kind == "ar" else [f"model.vae={kl}"]
             self.train(kind, f"prior_{kind}_demo.yaml", root / "runs" / kind, f"steps={steps}",
                        f"checkpoint.every_steps={max(steps // 2, 1)}", f"sample_every={steps}",
                        f"data.shards={latents}", *refs)

@@ -135,7 +135,9 @@ def make_latent_shards(root: Path, n: int, per_shard: int | Sequence[int], C: in
     if with_tokens:
         encoders["vq"] = {"id": "fixture-vq", "sha256": "0" * 64, "codebook_size": codebook,
                           "token_shape": [h, w], "dtype": "int32"}
-    _finish(folder, shard_rows, {"encoder_id": encoder_id, "seed": seed}, {"encoders": encoders})
+    # Top-level factors as pipeline/encode.py records them (the latent priors read these).
+    _finish(folder, shard_rows, {"encoder_id": encoder_id, "seed": seed},
+            {"encoders": encoders, "scaling_factor": 0.18215, "shift_factor": None})
     return folder
 
 

@@ -114,6 +114,7 @@ class TrainConfig:
     nonfinite: Literal["skip", "stop"] = "skip"  # a non-finite loss: skip that step, or stop the run
     max_nonfinite: int = 100  # stop anyway after this many skipped steps
     resume: bool = False  # continue from the latest complete checkpoint (none: an error)
+    resume_on_changed_data: bool = False  # resume even if the shards, data.seed or global batch changed
     log_keys: bool = False  # append each step's keys to <workdir>/keys/start-S-rank-R.jsonl (audit)
 
     def __post_init__(self) -> None:

@@ -34,6 +34,7 @@ import signal
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Any, Literal
 
 import numpy as np
@@ -73,6 +74,10 @@ class DataConfig:
             raise ValueError(f"image_size must be >= 1, got {self.image_size}")
         if self.max_text_len < 1:
             raise ValueError(f"max_text_len must be >= 1, got {self.max_text_len}")
+
+
+class DataChangedError(ConfigError):
+    """A resume whose data stream would not continue the checkpoint's (the message says what differs)."""
 
 
 class BadSample(Exception):
@@ -300,7 +305,8 @@ class ShardStream:
             problems are there from construction; read-time ones are added as batches are
             yielded (so the count is a function of the batches yielded).
         manifest: the shard folder's ``_manifest.json`` (e.g. the VAE scaling factor), or None.
-        fingerprint: hash of the sample keys and shard names: changes when the data does.
+        fingerprint: hash of the sample keys, shard names and each shard's content digest
+            (``shard_digest``): changes when the data does.
     """
 
     def __init__(self, cfg: DataConfig, rank: int, world_size: int) -> None:
@@ -320,7 +326,7 @@ class ShardStream:
         self._reader.probe()
         h = hashlib.sha256(cfg.kind.encode())
         for p in paths:
-            h.update(os.path.basename(p).encode() + b"\0")
+            h.update(os.path.basename(p).encode() + b"\0" + shard_digest(p).encode() + b"\0")
         h.update(b"\0".join(index.keys.tolist()))
         self.fingerprint = h.hexdigest()[:16]
 
@@ -329,19 +335,33 @@ class ShardStream:
         return {"version": STATE_VERSION, "samples_seen": step * self.samples_per_step,
                 "seed": self.cfg.seed, "num_samples": self.num_samples, "fingerprint": self.fingerprint}
 
-    def resume_step(self, state: dict[str, Any]) -> int:
-        """The step to pass to ``batches`` to continue ``state`` with this stream's global batch.
+    def resume_position(self, state: dict[str, Any], micro_steps: int, allow_changed: bool = False) -> int:
+        """The global sample position at which to continue a checkpoint's stream ``state``.
 
-        Raises ValueError when the data or seed changed, or the sample count is not a whole
-        number of this stream's global batches (then use ``batches(start_sample=...)``).
+        ``micro_steps``: the micro-batch steps the checkpoint took (optimizer steps x grad_accum);
+        an uninterrupted run would have read ``micro_steps * samples_per_step`` samples by then.
+        Raises ``DataChangedError`` naming what differs (the data fingerprint, the seed, the
+        sample-order version, or the global batch), unless ``allow_changed``: then a warning,
+        and the stream continues at the checkpoint's position in the (new) order.
         """
-        if state.get("seed") != self.cfg.seed or state.get("fingerprint") != self.fingerprint:
-            raise ValueError(f"data stream state is for other data/seed ({state.get('fingerprint')}, "
-                             f"seed {state.get('seed')}) than {self.fingerprint}, seed {self.cfg.seed}")
-        seen = int(state["samples_seen"])
-        if seen % self.samples_per_step:
-            raise ValueError(f"{seen} samples seen is not a multiple of the global batch {self.samples_per_step}")
-        return seen // self.samples_per_step
+        seen = int(state.get("samples_seen", -1))
+        diffs = []
+        if state.get("fingerprint") != self.fingerprint:
+            diffs.append(f"data fingerprint {state.get('fingerprint')} ({state.get('num_samples')} samples) -> "
+                         f"{self.fingerprint} ({self.num_samples} samples): shards added, removed or changed")
+        if state.get("seed") != self.cfg.seed:
+            diffs.append(f"data.seed {state.get('seed')} -> {self.cfg.seed}")
+        if state.get("version") != STATE_VERSION:
+            diffs.append(f"sample-order version {state.get('version')} -> {STATE_VERSION}")
+        if seen != micro_steps * self.samples_per_step:
+            diffs.append(f"sample order: {seen} samples read in {micro_steps} steps, this run's global batch "
+                         f"{self.samples_per_step} would have read {micro_steps * self.samples_per_step}")
+        if diffs and not allow_changed:
+            raise DataChangedError("--resume on other data than the checkpoint's: " + "; ".join(diffs)
+                                   + " (pass --resume-on-changed-data to continue anyway)")
+        if diffs:
+            log.warning("resuming on changed data (--resume-on-changed-data): %s", "; ".join(diffs))
+        return max(seen, 0)
 
     def batches(self, start_step: int = 0, *, start_sample: int | None = None) -> Iterator[dict[str, Any]]:
         """This rank's batches for global steps start_step, start_step + 1, ... (infinite).
@@ -367,6 +387,21 @@ class ShardStream:
                 yield batch
         finally:
             del it  # shuts the workers down
+
+
+def shard_digest(path: str) -> str:
+    """A shard's content digest: the tar's size and mtime plus the sha256 of its ``.stats.json``
+    (rewritten whenever the shard is), or without stats of the tar itself (streamed); a URL: its
+    name only. A copy of the shards to a new place (new mtimes) counts as changed data."""
+    if "://" in path:
+        return ""
+    tar = Path(path)
+    st = tar.stat()
+    stats = tar.with_name(tar.name[:-4] + ".stats.json") if tar.name.endswith(".tar") else None
+    if stats is not None and stats.is_file():
+        return f"{st.st_size}:{st.st_mtime_ns}:{hashlib.sha256(stats.read_bytes()).hexdigest()}"
+    with open(tar, "rb") as f:
+        return f"{st.st_size}:{st.st_mtime_ns}:{hashlib.file_digest(f, 'sha256').hexdigest()}"
 
 
 def _ignore_sigterm(worker_id: int) -> None:

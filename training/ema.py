@@ -32,6 +32,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from training.safe_load import CheckpointFileError
+
 EMA_FILE = "rank-{rank:05d}.safetensors"
 
 
@@ -94,6 +96,24 @@ def master_fragments(engine: Any) -> tuple[str, list[Fragment]]:
         valid = max(0, min(part, n - start))
         out.append(Fragment(name, start, valid, n, tuple(p.shape), p.data.view(-1).narrow(0, start, valid)))
     return "replicated", out
+
+
+def _open(path: Path) -> Any:
+    """``safe_open`` with a one-line error naming the file when it is not a safetensors file."""
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # SafetensorError (header), OSError
+        raise CheckpointFileError(f"{path}: not a readable safetensors file ({str(e).strip()[:120]})") from None
+
+
+def _fragments(path: Path, fh: Any) -> dict[str, Any]:
+    try:
+        stored = json.loads((fh.metadata() or {}).get("fragments", "{}"))
+    except ValueError:
+        stored = None
+    if not isinstance(stored, dict):
+        raise CheckpointFileError(f"{path}: EMA fragment metadata is not a JSON object")
+    return stored
 
 
 class ShardedEMA:
@@ -165,8 +185,8 @@ class ShardedEMA:
         shadow = {f.name: torch.full((f.numel,), float("nan"), dtype=torch.float32)
                   for f in self._sources(refresh=True)}
         for path in files:
-            with safe_open(str(path), framework="pt") as fh:
-                stored = json.loads((fh.metadata() or {}).get("fragments", "{}"))
+            with _open(path) as fh:
+                stored = _fragments(path, fh)
                 for name, (s0, k0, full) in stored.items():
                     if name not in self.meta:
                         raise ValueError(f"{path}: EMA parameter {name!r} is not in the model")

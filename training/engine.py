@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import signal
 import threading
 import time
@@ -42,6 +43,7 @@ from training.export import consolidated_state_dict, save_export
 from training.families import Family, family_for_data, model_config_dict
 from training.monitor import TrainMonitor, quiet_known_noise
 from training.pending import Pending, StopPoll
+from training.safe_load import weights_only_loads
 from training.throughput import flops_per_sample, mfu, peak_flops
 from training.tracking import Tracker, default_run_name, git_commit
 from training.zero import (
@@ -120,6 +122,12 @@ class Trainer:
         self.family: Family = family_for_data(cfg.model, cfg.data.kind)
         self.resume_from = self._find_resume()
         self.stream = ShardStream(cfg.data, self.di.rank, self.di.world_size)
+        self.family.bind_data(self.stream.manifest)  # e.g. the latent priors' VAE scaling/shift factors
+        self._data_start = 0  # the global sample position the stream continues from
+        if self.resume_from is not None:  # refuse other data before any engine is built
+            self._data_start = self.stream.resume_position(
+                self.resume_from.state.get("data") or {}, self.resume_from.step * cfg.deepspeed.grad_accum,
+                cfg.resume_on_changed_data)
         prev_world = int(self.resume_from.state["world_size"]) if self.resume_from else self.di.world_size
         # DeepSpeed's partitioned optimizer state only reloads at the same world size; otherwise
         # through DeepSpeed's universal checkpoint (ds_to_universal + load_universal).
@@ -151,26 +159,48 @@ class Trainer:
     # -- resume ----------------------------------------------------------------------------------
 
     def _find_resume(self) -> ckpt.CheckpointInfo | None:
-        latest = ckpt.latest_complete(self.ckpt_root)
-        if self.cfg.resume and latest is None:
-            raise ConfigError(f"--resume: no complete checkpoint under {self.ckpt_root}")
-        if not self.cfg.resume and latest is not None:
-            raise ConfigError(f"{self.ckpt_root} already holds checkpoints (latest step {latest.step}): "
-                              "pass --resume to continue, or use another workdir")
-        return latest if self.cfg.resume else None
+        """Without --resume: None (refused if checkpoints exist). With it: the newest intact complete
+        checkpoint (``ckpt.select_resume``), chosen by rank 0 (it alone hashes the files) for all."""
+        if not self.cfg.resume:
+            latest = ckpt.latest_complete(self.ckpt_root)
+            if latest is not None:
+                raise ConfigError(f"{self.ckpt_root} already holds checkpoints (latest step {latest.step}): "
+                                  "pass --resume to continue, or use another workdir")
+            return None
+        error: ckpt.CheckpointError | None = None
+        step = -1
+        if self.di.rank == 0:
+            try:
+                step = ckpt.select_resume(self.ckpt_root).step
+            except ckpt.CheckpointError as e:
+                error = e
+        if dist.is_initialized() and self.di.world_size > 1:
+            t = torch.tensor([step], dtype=torch.int64, device=self.di.device)
+            dist.broadcast(t, src=0)
+            step = int(t.item())
+        if error is not None:
+            raise error
+        found = [c for c in ckpt.list_complete(self.ckpt_root) if c.step == step]
+        if not found:
+            raise ckpt.CheckpointError(f"--resume: rank 0 found no intact checkpoint under {self.ckpt_root}")
+        return found[0]
 
     def _restore(self, info: ckpt.CheckpointInfo) -> None:
         state = info.state
         if sorted(state["parts"]) != sorted(self.engines):
             raise ConfigError(f"checkpoint {info.path} has parts {state['parts']}, the family builds "
                               f"{sorted(self.engines)}")
-        root = info.path
+        with weights_only_loads():  # every torch.load below (DeepSpeed's included) is weights-only
+            root = self._universal(info) if self.universal else info.path
+            for part, engine in self.engines.items():
+                path, _ = engine.load_checkpoint(str(root), tag=part, load_module_strict=True)
+                if path is None:
+                    raise RuntimeError(f"DeepSpeed found no checkpoint for part {part!r} in {root}")
         if self.universal:
-            root = self._universal(info)
-        for part, engine in self.engines.items():
-            path, _ = engine.load_checkpoint(str(root), tag=part, load_module_strict=True)
-            if path is None:
-                raise RuntimeError(f"DeepSpeed found no checkpoint for part {part!r} in {root}")
+            if dist.is_initialized():
+                dist.barrier()
+            if self.di.rank == 0:
+                shutil.rmtree(root, ignore_errors=True)
         ema_state = state.get("ema") or {}
         if self.ema is not None and ema_state.get("started"):
             self.ema.load(info.path / "ema")
@@ -189,19 +219,19 @@ class Trainer:
                  ", universal" if self.universal else "")
 
     def _universal(self, info: ckpt.CheckpointInfo) -> Path:
-        """Rank 0 converts each part to DeepSpeed's universal format once (kept in the checkpoint)."""
-        out = info.path / "universal"
-        if self.di.rank == 0 and not out.is_dir():
+        """Rank 0 converts each part to DeepSpeed's universal format in a scratch folder of the
+        workdir (the checkpoint itself stays exactly as its digests say); removed after loading."""
+        out = self.workdir / f".universal-{info.step:06d}"
+        if self.di.rank == 0:
             import argparse
 
             from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
-            tmp = info.path / "universal.tmp"
+            shutil.rmtree(out, ignore_errors=True)
             for part in self.engines:
                 ds_to_universal(argparse.Namespace(
-                    input_folder=str(info.path / part), output_folder=str(tmp / part), num_extract_workers=1,
+                    input_folder=str(info.path / part), output_folder=str(out / part), num_extract_workers=1,
                     num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
-            tmp.rename(out)
         if dist.is_initialized():
             dist.barrier()
         return out
@@ -417,7 +447,7 @@ class Trainer:
                                "data_fingerprint": self.stream.fingerprint})
         self.tracker.log_input(cfg.data.shards, self.stream.manifest, self.stream.fingerprint, self.stream.num_samples)
         gas = cfg.deepspeed.grad_accum
-        it = self.stream.batches(start_sample=self.step * gas * self.stream.samples_per_step)
+        it = self.stream.batches(start_sample=self._data_start)
         self._result = TrainResult(self.step, False, None, None, self.nonfinite)
         last_ckpt: Path | None = None
         stopped = False

@@ -101,3 +101,25 @@ def test_every_subcommand_parses_intermixed() -> None:
     for name in with_items:
         args = parse_args(parser, [name, "a=1", "--print-config", "b.c=2"])
         assert args.command == name and args.items == ["a=1", "b.c=2"] and args.print_config
+
+
+def test_verify_names_the_bad_file(tmp_path: Path) -> None:
+    from tests.unit.test_train_checkpoint import _save_pt
+
+    root = tmp_path / "run" / "checkpoints"
+    for s in (1, 2):
+        _save_pt(root, s)
+    r = cli("verify", str(tmp_path / "run"))
+    assert r.returncode == 0 and r.stdout.count("ok   ") == 2, r.stdout + r.stderr
+    bad = root / "step-000002" / "model" / "states.pt"
+    size = bad.stat().st_size
+    bad.write_bytes(bad.read_bytes()[:100])
+    r = cli("verify", str(tmp_path / "run"))
+    assert r.returncode == 1 and r.stdout.splitlines() == [
+        f"BAD  {root / 'step-000002'}: {bad}: 100 bytes, {size} when saved (truncated)",
+        f"ok   {root / 'step-000001'}: 3 files"], r.stdout + r.stderr
+    assert cli("verify", str(root / "step-000001")).returncode == 0
+    assert cli("verify", str(root / "step-000002")).returncode == 1
+    r = cli("verify", str(tmp_path / "nowhere"))
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"latentpipe verify: error: {tmp_path / 'nowhere'}: "
+                                                                   "no such folder"]

@@ -16,7 +16,7 @@ import torch
 
 from preprocessing.config import ConfigError
 from tests.shards import make_image_shards, make_latent_shards, npy, truncate, write_tar
-from training.data import DataConfig, ShardStream
+from training.data import DataChangedError, DataConfig, ShardStream
 
 
 @pytest.fixture(autouse=True)
@@ -68,21 +68,73 @@ def test_resume_at_world_size_2_yields_the_uninterrupted_keys(images: Path) -> N
     assert state["samples_seen"] == 3 * 6
     for r in range(2):
         resumed = ShardStream(DataConfig(shards=str(images), batch_size=3, num_workers=0), r, 2)
-        start = resumed.resume_step(state)
-        assert [b["__key__"] for b in take(resumed, 5, start)] == full[r][3:]
+        start = resumed.resume_position(state, micro_steps=3)
+        assert [b["__key__"] for b in take(resumed, 5, start_sample=start)] == full[r][3:]
 
 
 def test_two_rank_checkpoint_resumes_at_one_rank_on_the_global_sequence(images: Path) -> None:
     two = global_keys(images, world=2, batch=3, steps=7)
     state = ShardStream(DataConfig(shards=str(images), batch_size=3, num_workers=0), 1, 2).state_dict(step=3)
     one = ShardStream(DataConfig(shards=str(images), batch_size=6, num_workers=0), 0, 1)
-    assert [b["__key__"] for b in take(one, 4, one.resume_step(state))] == two[3:]
+    assert [b["__key__"] for b in take(one, 4, start_sample=one.resume_position(state, 3))] == two[3:]
     # Same global batch through gradient accumulation: 2 micro-batches of 3 per step.
     micro = ShardStream(DataConfig(shards=str(images), batch_size=3, num_workers=0), 0, 1)
-    got = [b["__key__"] for b in take(micro, 8, start_sample=state["samples_seen"])]
+    got = [b["__key__"] for b in take(micro, 8, start_sample=micro.resume_position(state, 3 * 2))]
     assert [got[2 * i] + got[2 * i + 1] for i in range(4)] == two[3:]
-    with pytest.raises(ValueError, match="multiple of the global batch"):
-        ShardStream(DataConfig(shards=str(images), batch_size=4, num_workers=0), 0, 1).resume_step(state)
+    other = ShardStream(DataConfig(shards=str(images), batch_size=4, num_workers=0), 0, 1)
+    with pytest.raises(DataChangedError, match=r"sample order: 18 samples read in 3 steps.* would have read 12"):
+        other.resume_position(state, 3)
+    assert other.resume_position(state, 3, allow_changed=True) == 18  # deliberate: continue at its position
+
+
+def _stream(folder: Path, **cfg: Any) -> ShardStream:
+    return ShardStream(DataConfig(shards=str(folder), batch_size=2, num_workers=0, **cfg), 0, 1)
+
+
+def test_resume_refuses_added_removed_or_replaced_shards_and_another_seed(tmp_path: Path) -> None:
+    folder = make_image_shards(tmp_path / "d", 3, 4)
+    state = _stream(folder).state_dict(step=2)
+    assert _stream(folder).resume_position(state, 2) == 4  # unchanged data: continues
+    with pytest.raises(DataChangedError, match=r"^--resume on other data.*data.seed 0 -> 5 \(pass --resume-on"):
+        _stream(folder, seed=5).resume_position(state, 2)
+
+    def refused(stream: ShardStream) -> str:
+        with pytest.raises(DataChangedError) as e:
+            stream.resume_position(state, 2)
+        assert "\n" not in str(e.value)
+        return str(e.value)
+
+    # Replaced: same names and keys, other content (a re-shard writes new stats with the tar).
+    other = make_image_shards(tmp_path / "o", 3, 4, seed=7)
+    tar, stats = folder / "shard-000001.tar", folder / "shard-000001.stats.json"
+    saved = tar.read_bytes(), stats.read_bytes()
+    times = (tar.stat().st_atime_ns, tar.stat().st_mtime_ns)
+    tar.write_bytes((other / "shard-000001.tar").read_bytes())
+    stats.write_bytes((other / "shard-000001.stats.json").read_bytes())
+    assert "data fingerprint" in refused(_stream(folder)) and "12 samples) ->" in refused(_stream(folder))
+    tar.write_bytes(saved[0])
+    stats.write_bytes(saved[1])
+    os.utime(tar, ns=times)  # byte for byte the original again
+    assert _stream(folder).resume_position(state, 2) == 4
+    # Removed: the shard loses its completion marker (the reader drops it); added: a fourth shard.
+    stats.rename(tmp_path / "aside.json")
+    assert "(12 samples) -> " in refused(_stream(folder)) and "(8 samples)" in refused(_stream(folder))
+    (tmp_path / "aside.json").rename(stats)
+    assert _stream(folder).resume_position(state, 2) == 4  # restored: accepted again
+    more = make_image_shards(tmp_path / "m", 4, 4)
+    assert "(16 samples)" in refused(_stream(more))
+    assert _stream(more).resume_position(state, 2, allow_changed=True) == 4  # the explicit override
+
+
+def test_fingerprint_covers_tar_content_without_stats(tmp_path: Path) -> None:
+    folder = make_image_shards(tmp_path / "d", 2, 3)
+    pattern = str(folder / "shard-*.tar")  # a glob: no .stats.json completion markers are read
+    before = _stream(Path(pattern)).fingerprint
+    tar = folder / "shard-000000.tar"
+    data = bytearray(tar.read_bytes())
+    data[600] ^= 0xFF  # one byte of a member's payload: same names, same keys
+    tar.write_bytes(bytes(data))
+    assert _stream(Path(pattern)).fingerprint != before
 
 
 def test_rank_slices_are_disjoint_and_each_epoch_is_a_permutation(images: Path) -> None:

@@ -119,3 +119,30 @@ def test_train_command_rejects_bad_config_before_launching(capsys: pytest.Captur
     assert "trains on images" in capsys.readouterr().err
     assert main(["train", toy, "data.shards=/nowhere", "--nproc", "2"]) == 2
     assert "local launcher runs one rank" in capsys.readouterr().err
+
+
+def test_latent_priors_take_their_factors_from_the_manifest(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    fam = family_from_config({"kind": "ddpm", "text_dim": 8})
+    fam.bind_data({"scaling_factor": 0.5, "shift_factor": 0.1})
+    assert (fam.cfg.scaling_factor, fam.cfg.shift_factor) == (0.5, 0.1)
+    assert model_config_dict(fam)["scaling_factor"] == 0.5  # what the export records
+    fam = family_from_config({"kind": "flow", "scaling_factor": 0.5})
+    fam.bind_data({"scaling_factor": 0.5, "shift_factor": None})  # agrees; the VAE has no shift
+    assert (fam.cfg.scaling_factor, fam.cfg.shift_factor) == (0.5, 0.0)
+    fam = family_from_config({"kind": "ddpm"})
+    fam.bind_data(None)  # no manifest (a glob of tars): the identity
+    assert (fam.cfg.scaling_factor, fam.cfg.shift_factor) == (1.0, 0.0)
+    with pytest.raises(ConfigError, match=r"^model.shift_factor=0.2 disagrees with the latent manifest's "
+                                          r"shift_factor 0.1: drop the override"):
+        family_from_config({"kind": "ddpm", "shift_factor": 0.2}).bind_data({"shift_factor": 0.1})
+    # The train command refuses it before launching anything (fixture manifest: 0.18215).
+    from pipeline.cli import main
+    from tests.shards import make_latent_shards
+
+    shards = make_latent_shards(tmp_path, 1, 4)
+    cfg = str(Path(__file__).parents[2] / "configs/prior_ddpm_demo.yaml")
+    assert main(["train", cfg, f"data.shards={shards}", "model.scaling_factor=1.0", f"workdir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["latentpipe train: error: model.scaling_factor=1.0 disagrees with the latent manifest's "
+                   "scaling_factor 0.18215: drop the override (it defaults to the manifest's)"]

@@ -39,6 +39,9 @@ class Family(abc.ABC):
             raise TypeError(f"{type(self).__name__} expects a {self.config_class.__name__}, got {type(cfg).__name__}")
         self.cfg = cfg
 
+    def bind_data(self, manifest: Mapping[str, Any] | None) -> None:  # noqa: B027 (an optional hook)
+        """Adopt what the training shards' ``_manifest.json`` records (before ``build``); default: nothing."""
+
     @abc.abstractmethod
     def build(self) -> dict[str, nn.Module]:
         """Fresh modules, one DeepSpeed engine each; must contain ``"model"`` (the primary one).

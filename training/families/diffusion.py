@@ -19,6 +19,7 @@ micro-batch), so a run resumed from a checkpoint reproduces the uninterrupted ru
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ import torch.distributed as dist
 from PIL import Image
 from torch import nn
 
+from preprocessing.config import ConfigError
 from training.families import register
 from training.families.base import Family
 from training.guidance import TextCond
@@ -47,8 +49,8 @@ class LatentPriorConfig:
     latent_channels: int = 4  # C (the latent shards hold 2C: mean and log-variance)
     latent_size: int = 8  # h = w of the latents
     text_dim: int = 384  # D of the per-token text embeddings
-    scaling_factor: float = 1.0  # the VAE's latent scaling factor (the latent manifest records it)
-    shift_factor: float = 0.0  # subtracted before scaling (SD3 / FLUX VAEs); 0 for SD and our KL-VAEs
+    scaling_factor: float | None = None  # the VAE's latent scaling factor; None: the latent manifest's
+    shift_factor: float | None = None  # subtracted before scaling (SD3 / FLUX VAEs); None: the manifest's
     cond_drop: float = 0.1  # probability of dropping a caption in training (CFG)
     null_text: NullText = "learned"  # the dropped caption's embedding: learned, or zeros
     vae: str = ""  # KL-VAE export / diffusers AutoencoderKL folder decoding sample grids ("": latents)
@@ -61,8 +63,13 @@ class LatentPriorConfig:
             raise ValueError(f"cond_drop must be in [0, 1], got {self.cond_drop}")
         if min(self.latent_channels, self.latent_size, self.text_dim, self.grid_samples) < 1:
             raise ValueError("latent_channels, latent_size, text_dim and grid_samples must be >= 1")
-        if self.scaling_factor <= 0:
+        if self.scaling_factor is not None and self.scaling_factor <= 0:
             raise ValueError(f"scaling_factor must be > 0, got {self.scaling_factor}")
+
+    def factors(self) -> tuple[float, float]:
+        """(scaling, shift); one still unset (no manifest bound, or it records none) is the identity."""
+        return (1.0 if self.scaling_factor is None else self.scaling_factor,
+                0.0 if self.shift_factor is None else self.shift_factor)
 
 
 @dataclass
@@ -155,6 +162,21 @@ class LatentPriorFamily(Family, abc.ABC):
     def sampler(self) -> tuple[Sampler, int, float | None]:
         """(sampler, steps, guidance) for grids and ``generate``."""
 
+    def bind_data(self, manifest: Mapping[str, Any] | None) -> None:
+        """Take ``scaling_factor``/``shift_factor`` from the latent manifest (``pipeline/encode.py``
+        records the VAE's); a config value that disagrees is refused, naming both."""
+        for key in ("scaling_factor", "shift_factor"):
+            recorded = (manifest or {}).get(key)
+            mine = getattr(self.cfg, key)
+            if recorded is None:
+                continue
+            if mine is None:
+                setattr(self.cfg, key, float(recorded))
+            elif not math.isclose(float(mine), float(recorded), rel_tol=1e-6, abs_tol=1e-12):
+                raise ConfigError(f"model.{key}={mine} disagrees with the latent manifest's {key} {recorded}: "
+                                  f"drop the override (it defaults to the manifest's)")
+        self.cfg.scaling_factor, self.cfg.shift_factor = self.cfg.factors()
+
     def build(self) -> dict[str, nn.Module]:
         c = self.cfg
         spec = BackboneSpec(c.latent_channels, c.latent_size, c.text_dim)
@@ -179,7 +201,8 @@ class LatentPriorFamily(Family, abc.ABC):
             raise ValueError(f"text embeddings have width {text.shape[-1]}, model.text_dim is {c.text_dim}")
         mean, logvar = lat.chunk(2, dim=1)  # [B, C, h, w] each
         n = torch.randn(mean.shape, device=device, generator=generator)
-        z = (mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * n - c.shift_factor) * c.scaling_factor
+        scale, shift = c.factors()
+        z = (mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * n - shift) * scale
         b = lat.shape[0]
         dropped = torch.rand(b, device=device, generator=generator) < c.cond_drop if drop else None
         cond = TextCond.of(text, batch["text_mask"].to(device))
@@ -239,7 +262,8 @@ class LatentPriorFamily(Family, abc.ABC):
         if vae is None:
             return z, None
         vae.to(device)
-        images: torch.Tensor = vae.decode(z / c.scaling_factor + c.shift_factor, return_dict=False)[0]  # type: ignore[operator]
+        scale, shift = c.factors()
+        images: torch.Tensor = vae.decode(z / scale + shift, return_dict=False)[0]  # type: ignore[operator]
         return z, images.clamp(-1, 1)
 
     @torch.no_grad()
@@ -255,7 +279,8 @@ class LatentPriorFamily(Family, abc.ABC):
         vae = self.vae()
         if images is None or vae is None:
             return {"samples": to_image([latent_row(data.x), latent_row(z)])}
-        real: torch.Tensor = vae.decode(data.x / self.cfg.scaling_factor + self.cfg.shift_factor, return_dict=False)[0]  # type: ignore[operator]
+        scale, shift = self.cfg.factors()
+        real: torch.Tensor = vae.decode(data.x / scale + shift, return_dict=False)[0]  # type: ignore[operator]
         rows = [torch.cat(list(r.float().cpu().clamp(-1, 1)), dim=2) for r in (real, images)]  # [3, H, n*W] each
         return {"samples": to_image(rows)}
 
