@@ -150,5 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m pipeline.cli`: run the imported module, whose UserError the commands raise
+    from pipeline.cli import main as _main
+
+    sys.exit(_main())

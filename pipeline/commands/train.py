@@ -28,6 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from training.config import TrainConfig
     from training.families import family_for_data
     from training.launch import LaunchOptions, launch
+    from training.workdir_lock import LOCK_NAME, WorkdirInUseError, WorkdirLock
 
     cfg = resolve_config(TrainConfig, args, {"resume": True if args.resume else None})
     if print_config_and_exit(cfg, args):
@@ -41,4 +42,14 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--nproc and --nnodes must be >= 1")
     if opts.launcher == "local" and (opts.nproc != 1 or opts.nnodes != 1):
         raise UserError("the local launcher runs one rank: use --launcher torchrun|deepspeed|ray for more")
-    return launch(cfg, opts)
+    # One run per workdir (per node of a multi-node run), held from before any rank starts to the end.
+    name = LOCK_NAME if opts.node_rank == 0 else f"train.node-{opts.node_rank}.lock"
+    try:
+        lock = WorkdirLock(cfg.workdir, name)
+        lock.acquire()
+    except WorkdirInUseError as e:
+        raise UserError(str(e)) from None
+    try:
+        return launch(cfg, opts)
+    finally:
+        lock.release()

@@ -1,0 +1,114 @@
+"""A real 2-rank ``latentpipe train`` (torchrun, then the DeepSpeed launcher) on one machine:
+- every listening TCP socket of its process tree is on loopback (and there is at least one);
+- a second ``train`` on the same workdir is refused at once, naming the holder;
+- after SIGKILL of the launcher (torchrun: the whole ``latentpipe train`` process group, as a
+  shell's ``kill -9 -PGID`` or an OOM kill of the group; deepspeed: the ``latentpipe train`` process
+  alone) no rank, agent or loader worker survives 30 s.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.shards import make_image_shards
+from training.launch import _rank_processes
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+WAIT = 600.0  # a wait limit for a loaded machine, not a measured threshold
+SURVIVAL_LIMIT = 30.0  # the promise: no rank survives its launcher by more than this
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    env.update(PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    return env
+
+
+def _cmd(work: Path, shards: Path, launcher: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", "train", str(ROOT / "configs/train_toy.yaml"),
+            f"data.shards={shards}", f"workdir={work}", "steps=100000", "data.batch_size=4",
+            "data.num_workers=1", "checkpoint.every_steps=0", "eval_every=0", "sample_every=0", "log_keys=true",
+            "tracking.enabled=false", "--launcher", launcher, "--nproc", "2"]
+
+
+def listening(pids: set[int]) -> list[tuple[str, int, int]]:
+    """(address, port, pid) of every listening TCP socket of these processes."""
+    return [(c.laddr.ip, c.laddr.port, c.pid) for c in psutil.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.pid in pids]
+
+
+def tree(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    out = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+@pytest.mark.parametrize(("launcher", "kill_group"), [("torchrun", True), ("deepspeed", False)])
+def test_ranks_die_with_their_launcher(tmp_path: Path, launcher: str, kill_group: bool) -> None:
+    shards = make_image_shards(tmp_path / "data", 2, 16)
+    work, log = tmp_path / "run", tmp_path / "train.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(_cmd(work, shards, launcher), cwd=ROOT, env=_env(), stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    procs: list[psutil.Process] = []
+    try:
+        keys = [work / "keys" / f"start-000000-rank-{r:05d}.jsonl" for r in (0, 1)]
+        deadline = time.monotonic() + WAIT
+        while not all(k.is_file() and len(k.read_text().splitlines()) >= 3 for k in keys):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        procs = tree(proc.pid)
+        ranks = _rank_processes(proc.pid)
+        assert len(ranks) == 2, [p.cmdline() for p in procs]
+
+        ports = listening({p.pid for p in procs})
+        assert ports, "the launcher's rendezvous store should be listening"
+        assert all(ip in LOOPBACK for ip, _, _ in ports), ports
+
+        second = subprocess.run(_cmd(work, shards, launcher), cwd=ROOT, env=_env(), capture_output=True,
+                                text=True, timeout=WAIT)
+        assert second.returncode == 2, second.stderr[-3000:]
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in second.stderr, second.stderr[-3000:]
+        assert f"in use by PID {proc.pid} on {socket.gethostname()} since " in lines[0]
+
+        if kill_group:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + SURVIVAL_LIMIT
+        while alive(procs) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        survivors = alive(procs)
+        assert not survivors, [(p.pid, p.cmdline()) for p in survivors]
+    finally:
+        for p in alive([*procs, *tree(proc.pid)]):
+            p.kill()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
