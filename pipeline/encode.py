@@ -450,14 +450,10 @@ def _sources(cfg: EncodeConfig) -> list[EncoderSource]:
 def _ray_init(address: str | None) -> bool:
     import os
 
-    import ray
+    from preprocessing.local_ray import init_ray
 
-    if ray.is_initialized():
-        return False
     env = {k: os.environ.get(k, "1") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    ray.init(address=address, include_dashboard=False, runtime_env={"env_vars": env},
-             logging_level=logging.WARNING)
-    return True
+    return init_ray(address, runtime_env={"env_vars": env}, logging_level=logging.WARNING)
 
 
 def run_encode(cfg: EncodeConfig, show_progress: bool = True) -> dict[str, Any]:

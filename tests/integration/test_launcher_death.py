@@ -19,12 +19,12 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.integration.process_tree import LOOPBACK, alive, listening, tree
 from tests.shards import make_image_shards
 from training.launch import _rank_processes
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
-LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 WAIT = 600.0  # a wait limit for a loaded machine, not a measured threshold
 SURVIVAL_LIMIT = 30.0  # the promise: no rank survives its launcher by more than this
 
@@ -40,31 +40,6 @@ def _cmd(work: Path, shards: Path, launcher: str) -> list[str]:
             f"data.shards={shards}", f"workdir={work}", "steps=100000", "data.batch_size=4",
             "data.num_workers=1", "checkpoint.every_steps=0", "eval_every=0", "sample_every=0", "log_keys=true",
             "tracking.enabled=false", "--launcher", launcher, "--nproc", "2"]
-
-
-def listening(pids: set[int]) -> list[tuple[str, int, int]]:
-    """(address, port, pid) of every listening TCP socket of these processes."""
-    return [(c.laddr.ip, c.laddr.port, c.pid) for c in psutil.net_connections(kind="tcp")
-            if c.status == psutil.CONN_LISTEN and c.pid in pids]
-
-
-def tree(pid: int) -> list[psutil.Process]:
-    try:
-        root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
-def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
-    out = []
-    for p in procs:
-        try:
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return out
 
 
 @pytest.mark.parametrize(("launcher", "kill_group"), [("torchrun", True), ("deepspeed", False)])
@@ -85,7 +60,7 @@ def test_ranks_die_with_their_launcher(tmp_path: Path, launcher: str, kill_group
         ranks = _rank_processes(proc.pid)
         assert len(ranks) == 2, [p.cmdline() for p in procs]
 
-        ports = listening({p.pid for p in procs})
+        ports = listening(procs)
         assert ports, "the launcher's rendezvous store should be listening"
         assert all(ip in LOOPBACK for ip, _, _ in ports), ports
 
