@@ -27,15 +27,18 @@ _PR_SET_PDEATHSIG = 1
 _POLL_S = 1.0
 
 
+# Resolved at import, so that a ``preexec_fn`` (run between fork and exec) calls no dynamic loader.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+
 def die_with_parent(sig: int = signal.SIGKILL) -> bool:
     """Ask the kernel to send ``sig`` to this process when its parent exits (Linux; False elsewhere).
 
-    Safe in a ``preexec_fn`` (between fork and exec): the setting survives ``exec``."""
-    if not sys.platform.startswith("linux"):
+    Usable as a ``preexec_fn`` (between fork and exec): the setting survives ``exec``."""
+    if _prctl is None:
         return False
     parent = os.getppid()
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+    if _prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
         return False
     if os.getppid() != parent:  # the parent died before the setting took effect
         os.kill(os.getpid(), sig)
