@@ -60,6 +60,7 @@ def test_ranks_die_with_their_launcher(tmp_path: Path, launcher: str, kill_group
         procs = tree(proc.pid)
         ranks = _rank_processes(proc.pid)
         assert len(ranks) == 2, [p.cmdline() for p in procs]
+        workers = [c for r in ranks for c in r.children(recursive=True)]  # data-loader workers
 
         ports = listening(procs)
         assert ports, "the launcher's rendezvous store should be listening"
@@ -77,7 +78,6 @@ def test_ranks_die_with_their_launcher(tmp_path: Path, launcher: str, kill_group
         else:
             proc.kill()
         proc.wait()
-        workers = [c for r in ranks for c in r.children(recursive=True)]  # data-loader workers
         deadline = time.monotonic() + SURVIVAL_LIMIT
         while alive([*ranks, *workers]) and time.monotonic() < deadline:
             time.sleep(0.2)
