@@ -51,6 +51,7 @@ def test_ranks_die_with_their_launcher(tmp_path: Path, launcher: str, kill_group
         proc = subprocess.Popen(_cmd(work, shards, launcher), cwd=ROOT, env=_env(), stdout=f,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     procs: list[psutil.Process] = []
+    store = None
     try:
         keys = [work / "keys" / f"start-000000-rank-{r:05d}.jsonl" for r in (0, 1)]
         deadline = time.monotonic() + WAIT
@@ -61,6 +62,7 @@ def test_ranks_die_with_their_launcher(tmp_path: Path, launcher: str, kill_group
         ranks = _rank_processes(proc.pid)
         assert len(ranks) == 2, [p.cmdline() for p in procs]
         workers = [c for r in ranks for c in r.children(recursive=True)]  # data-loader workers
+        store = ranks[0].environ()["LATENTPIPE_STORE"]  # "127.0.0.1:PORT", also names DeepSpeed's shm
 
         ports = listening(procs)
         assert ports, "the launcher's rendezvous store should be listening"
@@ -94,3 +96,6 @@ def test_ranks_die_with_their_launcher(tmp_path: Path, launcher: str, kill_group
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        if store:  # DeepSpeed's CPU all-reduce buffers outlive SIGKILLed ranks (a known leak): remove them
+            for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_{store.replace(':', '_')}_*"):
+                f.unlink(missing_ok=True)
