@@ -136,6 +136,22 @@ def setup_logging(verbose: bool) -> None:
         logging.getLogger(name).setLevel(level)
 
 
+def _ray_cause(e: BaseException) -> str | None:
+    if "ray" not in sys.modules:
+        return None
+    from preprocessing.local_ray import ray_root_cause
+
+    return ray_root_cause(e)
+
+
+def one_line(e: BaseException) -> str:
+    """``Type: first line``; for a failed Ray task or actor, that of the exception that really failed it."""
+    if (cause := _ray_cause(e)) is not None:
+        return cause
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never fetch weights at run time
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # quiet by default
@@ -151,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UserError, ConfigError, FileNotFoundError) as e:
         if verbose:
             raise
-        print(f"latentpipe {args.command}: error: {e}", file=sys.stderr)
+        print(f"latentpipe {args.command}: error: {_ray_cause(e) or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"latentpipe {args.command}: interrupted", file=sys.stderr)
@@ -159,11 +175,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         if verbose:
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"latentpipe {args.command}: {type(e).__name__}: {first} (rerun with -v for the traceback)",
-              file=sys.stderr)
+        print(f"latentpipe {args.command}: {one_line(e)} (rerun with -v for the traceback)", file=sys.stderr)
         return 1
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m pipeline.cli`: run the imported module, whose UserError the commands raise
+    from pipeline.cli import main as _main
+
+    sys.exit(_main())

@@ -55,6 +55,9 @@ class DemoConfig:
         bad = sorted(set(self.priors) - set(PRIORS))
         if bad:
             raise ValueError(f"unknown prior {bad[0]!r} (choose from {', '.join(PRIORS)})")
+        for key in (*SCALES[self.scale], "nproc"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 1, or 0 for the default; got {getattr(self, key)}")
         preset = SCALES[self.scale]
         for key, value in preset.items():
             if getattr(self, key) == 0:

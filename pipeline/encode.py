@@ -415,6 +415,9 @@ def list_inputs(inp: OutputDir) -> tuple[dict[int, str], list[int]]:
     if not names:
         raise FileNotFoundError(f"--images {inp.url}: no such folder, or it is empty")
     tars = {int(m.group(1)) for n in names if (m := SHARD_RE.match(n)) and m.group(2) == "tar"}
+    if not tars:
+        raise FileNotFoundError(f"--images {inp.url}: no image shards (shard-NNNNNN.tar) in this folder; "
+                                "point it at the images/ folder `latentpipe shard` wrote")
     done = inp.complete_shards()
     fps = {i: hashlib.sha256(inp.read_bytes(inp.stats_name(i))).hexdigest()[:16] for i in sorted(tars & done)}
     return fps, sorted(tars - done)
@@ -434,14 +437,13 @@ def _sources(cfg: EncodeConfig) -> list[EncoderSource]:
 def _ray_init(address: str | None) -> bool:
     import os
 
-    import ray
+    from preprocessing.local_ray import init_ray
 
-    if ray.is_initialized():
-        return False
     env = {k: os.environ.get(k, "1") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    ray.init(address=address, include_dashboard=False, runtime_env={"env_vars": env},
-             logging_level=logging.WARNING)
-    return True
+    # Workers' output (an actor's whole traceback) reaches the terminal with -v (debug logs) only: the
+    # error itself is raised here and printed as its root cause's one line.
+    return init_ray(address, runtime_env={"env_vars": env}, logging_level=logging.WARNING,
+                    log_to_driver=log.isEnabledFor(logging.DEBUG))
 
 
 def run_encode(cfg: EncodeConfig, show_progress: bool = True) -> dict[str, Any]:

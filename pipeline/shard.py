@@ -286,10 +286,9 @@ def run_shard_job(cfg: ShardConfig, overwrite: bool = False, retry_transient: bo
     if todo:
         import ray
 
-        started = not ray.is_initialized()
-        if started:
-            ray.init(address=cfg.ray_address, include_dashboard=False, logging_level=logging.WARNING,
-                     configure_logging=True)
+        from preprocessing.local_ray import init_ray
+
+        started = init_ray(cfg.ray_address, logging_level=logging.WARNING, configure_logging=True)
         try:
             failed = _run_tasks(source, plan, todo, cfg, out, progress)
         finally:

@@ -56,6 +56,18 @@ class SampleOptions:
     top_k: int | None = None  # ar
     top_p: float | None = None  # ar
 
+    def __post_init__(self) -> None:
+        """Reject what no sampler can use, naming the flag, before any model is loaded."""
+        checks = [(self.steps is None or self.steps >= 1, "--steps must be >= 1"),
+                  (self.guidance is None or self.guidance >= 0, "--cfg must be >= 0 (0: unconditional, 1: conditional)"),
+                  (self.batch_size >= 1, "--batch-size must be >= 1"),
+                  (self.temperature is None or self.temperature > 0, "--temperature must be > 0"),
+                  (self.top_k is None or self.top_k >= 1, "--top-k must be >= 1"),
+                  (self.top_p is None or 0 < self.top_p <= 1, "--top-p must be in (0, 1]")]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
 
 class Prior:
     """A loaded prior with its text encoder: ``images(prompts)`` -> [N, 3, H, W] in [-1, 1]."""

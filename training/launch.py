@@ -9,6 +9,11 @@
 
 Every rank reads the same resolved config, written once to ``<workdir>/train_config.yaml``.
 Ranks find each other through the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
+
+Single-node runs (``--nnodes 1``, no ``--master-addr``/``--hostfile``) listen on 127.0.0.1 only: this
+process hosts the one rendezvous store (a ``TCPStore`` on a socket it bound to loopback) that
+torchrun's agent and every rank join as clients, and gloo/NCCL use the loopback interface.
+Ranks and launcher agents die with this process (``training.orphans``).
 """
 
 from __future__ import annotations
@@ -17,14 +22,19 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from preprocessing.config import load_config, save_config
+from preprocessing.local_ray import init_ray, is_local
 from training.config import TrainConfig
+from training.orphans import die_with_parent, guard_rank, launcher_env
 
 log = logging.getLogger("latentpipe.train")
 Launcher = Literal["local", "torchrun", "deepspeed", "ray"]
@@ -54,31 +64,83 @@ def write_config(cfg: TrainConfig) -> Path:
     return save_config(cfg, Path(cfg.workdir) / CONFIG_NAME)
 
 
+STORE_ENV = "LATENTPIPE_STORE"  # "127.0.0.1:PORT": the launcher's rendezvous store, for single-node ranks
+
+
+def single_node(opts: LaunchOptions) -> bool:
+    """A single-machine run: every rank on this host, every port on loopback."""
+    return opts.nnodes == 1 and opts.master_addr is None and opts.hostfile is None
+
+
+@contextlib.contextmanager
+def loopback_store() -> Iterator[int]:
+    """Host a ``TCPStore`` on a socket bound to 127.0.0.1 (no port race: it is bound before use);
+    yields its port. Torch's own stores listen on every interface, so ranks join this one instead."""
+    import torch.distributed as dist
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(256)
+    port = sock.getsockname()[1]
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, multi_tenant=True,
+                          master_listen_fd=sock.fileno())
+    try:
+        yield port
+    finally:
+        del store
+        sock.close()
+
+
 def _worker_cmd(config_path: Path) -> list[str]:
     return ["-m", "training.launch", str(config_path.resolve())]
 
 
-def torchrun_command(config_path: Path, opts: LaunchOptions) -> list[str]:
+def torchrun_command(config_path: Path, opts: LaunchOptions, store_port: int | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={opts.nproc}",
            f"--nnodes={opts.nnodes}", f"--node-rank={opts.node_rank}"]
-    if opts.nnodes == 1 and opts.master_addr is None:
+    if store_port is not None:  # single node: rendezvous in our loopback store, as its client
+        cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{store_port}", "--rdzv-conf=is_host=false",
+                f"--rdzv-id={uuid.uuid4().hex}", "--local-addr=127.0.0.1"]
+    elif opts.nnodes == 1 and opts.master_addr is None:
         cmd.append("--standalone")
     else:
         cmd += [f"--master-addr={opts.master_addr or '127.0.0.1'}", f"--master-port={opts.master_port or 29500}"]
     return cmd + _worker_cmd(config_path)
 
 
-def deepspeed_command(config_path: Path, opts: LaunchOptions) -> list[str]:
+def deepspeed_command(config_path: Path, opts: LaunchOptions, store_port: int | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={opts.nproc}"]
     if opts.hostfile:
         cmd += [f"--hostfile={opts.hostfile}", f"--num_nodes={opts.nnodes}"]
     elif opts.nnodes > 1:
         cmd += ["--no_ssh", f"--num_nodes={opts.nnodes}", f"--node_rank={opts.node_rank}"]
+    if store_port is not None:
+        cmd += ["--master_addr=127.0.0.1", f"--master_port={store_port}"]
     if opts.master_addr:
         cmd.append(f"--master_addr={opts.master_addr}")
     if opts.master_port:
         cmd.append(f"--master_port={opts.master_port}")
     return cmd + ["--module", "training.launch", str(config_path.resolve())]
+
+
+def rank_env(store_port: int | None) -> dict[str, str]:
+    """What the ranks of a run started here need in their environment (on top of ours)."""
+    env = launcher_env()
+    if store_port is not None:
+        env[STORE_ENV] = f"127.0.0.1:{store_port}"
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"  # torchrun's agent would host its own store on *
+        for key in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+            env.setdefault(key, os.environ.get(key, "lo"))
+    return env
+
+
+def _join_launcher_store() -> None:
+    """In a rank of a single-node run: use the launcher's loopback store as the process-group store
+    (torch's env:// "agent store" mode: every rank a client, no rank listens)."""
+    addr = os.environ.get(STORE_ENV)
+    if addr:
+        host, port = addr.rsplit(":", 1)
+        os.environ.update(MASTER_ADDR=host, MASTER_PORT=port, TORCHELASTIC_USE_AGENT_STORE="True")
 
 
 def _rank_processes(pid: int) -> list[Any]:
@@ -107,13 +169,13 @@ def _rank_processes(pid: int) -> list[Any]:
     return ranks
 
 
-def _run_forwarding_sigterm(cmd: list[str]) -> int:
+def _run_forwarding_sigterm(cmd: list[str], env: dict[str, str]) -> int:
     """Run a launcher; a SIGTERM to us goes straight to the rank processes (they checkpoint and
     exit 0, so the launcher exits 0 too), not to the launcher (torchrun would kill them after
     its grace period and exit non-zero) nor to data-loader workers (the rank would crash)."""
     import psutil
 
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, env={**os.environ, **env}, preexec_fn=die_with_parent)  # noqa: PLW1509
 
     def forward(signum: int, frame: Any) -> None:
         targets = _rank_processes(proc.pid)
@@ -135,6 +197,7 @@ def _run_forwarding_sigterm(cmd: list[str]) -> int:
 
 
 def _ray_worker(config: dict[str, Any]) -> None:
+    guard_rank()
     cfg = load_config(TrainConfig, config["config_path"])
     train(cfg)
 
@@ -147,12 +210,12 @@ def launch_ray(cfg: TrainConfig, config_path: Path, opts: LaunchOptions) -> int:
 
     use_gpu = torch.cuda.is_available() if opts.use_gpu is None else opts.use_gpu
     backend = cfg.deepspeed.backend if cfg.deepspeed.backend != "auto" else ("nccl" if use_gpu else "gloo")
-    started = False
-    if not ray.is_initialized():
-        env = {k: os.environ[k] for k in ("DS_ACCELERATOR", "HF_HUB_OFFLINE", "MLFLOW_TRACKING_URI",
-                                           "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING") if k in os.environ}
-        ray.init(address=os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": env} if env else None)
-        started = True
+    env = {k: os.environ[k] for k in ("DS_ACCELERATOR", "HF_HUB_OFFLINE", "MLFLOW_TRACKING_URI",
+                                       "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING") if k in os.environ}
+    env.update(launcher_env())
+    if is_local(None):
+        env.setdefault("GLOO_SOCKET_IFNAME", os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
+    started = init_ray(None, runtime_env={"env_vars": env})
     try:
         trainer = TorchTrainer(
             _ray_worker, train_loop_config={"config_path": str(config_path.resolve())},
@@ -181,10 +244,12 @@ def launch(cfg: TrainConfig, opts: LaunchOptions) -> int:
     # does not print its banner about choosing it.
     if opts.nproc > 1:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-    if opts.launcher == "torchrun":
-        return _run_forwarding_sigterm(torchrun_command(path, opts))
-    if opts.launcher == "deepspeed":
-        return _run_forwarding_sigterm(deepspeed_command(path, opts))
+    if opts.launcher in ("torchrun", "deepspeed"):
+        command = torchrun_command if opts.launcher == "torchrun" else deepspeed_command
+        if not single_node(opts):  # multi-node: the addresses the user gave
+            return _run_forwarding_sigterm(command(path, opts), rank_env(None))
+        with loopback_store() as port:
+            return _run_forwarding_sigterm(command(path, opts, port), rank_env(port))
     if opts.launcher == "ray":
         return launch_ray(cfg, path, opts)
     raise ValueError(f"unknown launcher {opts.launcher!r}")
@@ -198,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s rank" + os.environ.get("RANK", "0")
                         + " %(name)s: %(message)s")
+    guard_rank()
+    _join_launcher_store()
     train(load_config(TrainConfig, args[0]))
     return 0
 

@@ -47,13 +47,16 @@ def run(args: argparse.Namespace) -> int:
 
     if args.n < 4:
         raise UserError("--n must be >= 4")
+    try:
+        opt = SampleOptions(sampler=args.sampler, steps=args.steps, guidance=args.cfg, seed=args.seed,
+                            batch_size=args.batch_size)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     scorer = load_scorer(Path(args.scorer))
     try:
         prior = Prior(args.model)
     except ValueError as e:
         raise UserError(str(e)) from None
-    opt = SampleOptions(sampler=args.sampler, steps=args.steps, guidance=args.cfg, seed=args.seed,
-                        batch_size=args.batch_size)
     t0 = time.monotonic()
     metrics, images, prompts = evaluate_prior(prior, scorer, args.n, opt)
     metrics["sampling_seconds_per_image"] = (time.monotonic() - t0) / args.n
@@ -78,9 +81,12 @@ def _train_scorer(args: argparse.Namespace) -> int:
     from training.evaluation import ScorerConfig, train_scorer
 
     cfg = ScorerConfig()
-    if args.scorer_steps:
+    for flag, value in (("--scorer-steps", args.scorer_steps), ("--scorer-samples", args.scorer_samples)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be >= 1")
+    if args.scorer_steps is not None:
         cfg.steps = args.scorer_steps
-    if args.scorer_samples:
+    if args.scorer_samples is not None:
         cfg.train_samples = args.scorer_samples
     report = train_scorer(cfg, Path(args.scorer))
     print(f"scorer saved to {args.scorer}; held-out real scenes:", file=sys.stderr)

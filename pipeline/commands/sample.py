@@ -35,6 +35,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", type=int, default=2, help="grid upscaling factor for small images (default 2)")
 
 
+def check_device(device: str | None) -> None:
+    """A device this machine has, or a one-line error naming it (before any model is loaded)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device}: not a device (cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device is available on this machine (use --device cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
 def run(args: argparse.Namespace) -> int:
     from training.generate import Prior, SampleOptions, labelled_grid, to_pil
 
@@ -45,13 +61,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("give at least one --prompt (or --prompts-file)")
     if args.n < 1 or args.batch_size < 1 or args.scale < 1:
         raise UserError("--n, --batch-size and --scale must be >= 1")
-    if args.steps is not None and args.steps < 1:
-        raise UserError("--steps must be >= 1")
     try:
-        prior = Prior(args.model, text_encoder=args.text_encoder, device=args.device)
         opt = SampleOptions(sampler=args.sampler, steps=args.steps, guidance=args.cfg, seed=args.seed,
                             batch_size=args.batch_size, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p)
+        check_device(args.device)
+        prior = Prior(args.model, text_encoder=args.text_encoder, device=args.device)
         expanded = [p for p in prompts for _ in range(args.n)]
         images = to_pil(prior.images(expanded, opt))
     except ValueError as e:

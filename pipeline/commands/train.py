@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from training.families import family_for_data
     from training.launch import LaunchOptions, launch
     from training.tar_index import resolve_shards
+    from training.workdir_lock import LOCK_NAME, WorkdirInUseError, WorkdirLock
 
     cfg = resolve_config(TrainConfig, args, {"resume": True if args.resume else None,
                                              "resume_on_changed_data": True if args.resume_on_changed_data else None})
@@ -47,4 +48,14 @@ def run(args: argparse.Namespace) -> int:
     if opts.launcher == "local" and (opts.nproc != 1 or opts.nnodes != 1):
         raise UserError("the local launcher runs one rank: use --launcher torchrun|deepspeed|ray for more")
     family.bind_data(resolve_shards(cfg.data.shards)[2])  # e.g. a latent prior's factors against the manifest
-    return launch(cfg, opts)
+    # One run per workdir (per node of a multi-node run), held from before any rank starts to the end.
+    name = LOCK_NAME if opts.node_rank == 0 else f"train.node-{opts.node_rank}.lock"
+    try:
+        lock = WorkdirLock(cfg.workdir, name)
+        lock.acquire()
+    except WorkdirInUseError as e:
+        raise UserError(str(e)) from None
+    try:
+        return launch(cfg, opts)
+    finally:
+        lock.release()

@@ -123,3 +123,39 @@ def test_verify_names_the_bad_file(tmp_path: Path) -> None:
     r = cli("verify", str(tmp_path / "nowhere"))
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"latentpipe verify: error: {tmp_path / 'nowhere'}: "
                                                                    "no such folder"]
+
+
+def _no_cuda_here() -> str:
+    """A CUDA device this machine does not have: any when torch sees none, else one past the last."""
+    import torch
+
+    return f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["eval", "--model", "no-such-model", "--steps", "0"], "--steps must be >= 1"),
+        (["eval", "train-scorer", "--scorer", "sc", "--scorer-steps", "0"], "--scorer-steps must be >= 1"),
+        (["eval", "train-scorer", "--scorer", "sc", "--scorer-samples", "-3"], "--scorer-samples must be >= 1"),
+        (["sample", "--model", "no-such-model", "--prompt", "a red cube", "--cfg", "-5"], "--cfg must be >= 0"),
+        (["sample", "--model", "no-such-model", "--prompt", "a red cube", "--steps", "0"], "--steps must be >= 1"),
+        (["sample", "--model", "no-such-model", "--prompt", "a red cube", "--device", _no_cuda_here()], "--device cuda"),
+        (["sample", "--model", "no-such-model", "--prompt", "a red cube", "--device", "gpu0"], "not a device"),
+        (["demo", "prior_steps=-1"], "prior_steps must be >= 1"),
+        (["demo", "--scale", "small", "nproc=-2"], "nproc must be >= 1"),
+        (["encode", "--images", "empty", "--out", "latents", "--text-encoder", "minilm"], "no image shards"),
+    ],
+)
+def test_bad_values_fail_before_any_work(tmp_path: Path, args: list[str], message: str) -> None:
+    """Each is refused with one line naming the cause, and nothing was written (no model loaded,
+    no scorer trained, no demo or dataset folder started)."""
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("not a shard")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = cli(*args, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert message in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no sc/, demo-run/, latents/

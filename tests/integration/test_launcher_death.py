@@ -1,0 +1,101 @@
+"""A real 2-rank ``latentpipe train`` (torchrun, then the DeepSpeed launcher) on one machine:
+- every listening TCP socket of its process tree is on loopback (and there is at least one);
+- a second ``train`` on the same workdir is refused at once, naming the holder;
+- after SIGKILL of the launcher (torchrun: the whole ``latentpipe train`` process group, as a
+  shell's ``kill -9 -PGID`` or an OOM kill of the group; deepspeed: the ``latentpipe train`` process
+  alone) no rank or data-loader worker survives 30 s, and the rest of the tree (DeepSpeed's
+  ``launch.py``, which polls its ranks) exits after them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.integration.process_tree import LOOPBACK, alive, listening, tree
+from tests.shards import make_image_shards
+from training.launch import _rank_processes
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+WAIT = 1200.0  # a wait limit for a loaded machine, not a measured threshold
+SURVIVAL_LIMIT = 30.0  # the promise: no rank survives its launcher by more than this
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    env.update(PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    return env
+
+
+def _cmd(work: Path, shards: Path, launcher: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", "train", str(ROOT / "configs/train_toy.yaml"),
+            f"data.shards={shards}", f"workdir={work}", "steps=100000", "data.batch_size=4",
+            "data.num_workers=1", "checkpoint.every_steps=0", "eval_every=0", "sample_every=0", "log_keys=true",
+            "tracking.enabled=false", "--launcher", launcher, "--nproc", "2"]
+
+
+@pytest.mark.parametrize(("launcher", "kill_group"), [("torchrun", True), ("deepspeed", False)])
+def test_ranks_die_with_their_launcher(tmp_path: Path, launcher: str, kill_group: bool) -> None:
+    shards = make_image_shards(tmp_path / "data", 2, 16)
+    work, log = tmp_path / "run", tmp_path / "train.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(_cmd(work, shards, launcher), cwd=ROOT, env=_env(), stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    procs: list[psutil.Process] = []
+    store = None
+    try:
+        keys = [work / "keys" / f"start-000000-rank-{r:05d}.jsonl" for r in (0, 1)]
+        deadline = time.monotonic() + WAIT
+        while not all(k.is_file() and len(k.read_text().splitlines()) >= 3 for k in keys):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        procs = tree(proc.pid)
+        ranks = _rank_processes(proc.pid)
+        assert len(ranks) == 2, [p.cmdline() for p in procs]
+        workers = [c for r in ranks for c in r.children(recursive=True)]  # data-loader workers
+        store = ranks[0].environ()["LATENTPIPE_STORE"]  # "127.0.0.1:PORT", also names DeepSpeed's shm
+
+        ports = listening(procs)
+        assert ports, "the launcher's rendezvous store should be listening"
+        assert all(ip in LOOPBACK for ip, _, _ in ports), ports
+
+        second = subprocess.run(_cmd(work, shards, launcher), cwd=ROOT, env=_env(), capture_output=True,
+                                text=True, timeout=WAIT)
+        assert second.returncode == 2, second.stderr[-3000:]
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in second.stderr, second.stderr[-3000:]
+        assert f"in use by PID {proc.pid} on {socket.gethostname()} since " in lines[0]
+
+        if kill_group:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + SURVIVAL_LIMIT
+        while alive([*ranks, *workers]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        survivors = alive([*ranks, *workers])
+        assert not survivors, [(p.pid, p.cmdline()) for p in survivors]
+        # DeepSpeed's launch.py (not a rank) exits on its own once its ranks are gone (it polls them)
+        deadline = time.monotonic() + WAIT
+        while alive(procs) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive(procs), [(p.pid, p.cmdline()) for p in alive(procs)]
+    finally:
+        for p in alive([*procs, *tree(proc.pid)]):
+            p.kill()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if store:  # DeepSpeed's CPU all-reduce buffers outlive SIGKILLed ranks (a known leak): remove them
+            for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_{store.replace(':', '_')}_*"):
+                f.unlink(missing_ok=True)
