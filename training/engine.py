@@ -119,7 +119,8 @@ class Trainer:
         modules = build_modules(self.family, cfg, self.di.world_size)
         self.engines = build_engines(modules, cfg, self.di.world_size, universal=self.universal)
         self.modules = {k: e for k, e in self.engines.items()}
-        self.ema = ShardedEMA(self.engines["model"], cfg.ema.decay, cfg.ema.every) if cfg.ema.enabled else None
+        self.ema = (ShardedEMA(self.engines["model"], cfg.ema.decay, cfg.ema.every, cfg.ema.warmup_power)
+                    if cfg.ema.enabled else None)
         t_engines = time.perf_counter()
         self.tracker = Tracker(cfg.tracking, self.workdir, active=self.di.rank == 0, resume=cfg.resume)
         log.info("rank %d/%d: %s, %d part(s), ZeRO-%d %s, ready in %.1fs (tracker %.1fs)", self.di.rank,
