@@ -184,6 +184,8 @@ class Demo:
             self.latentpipe("scorer", "eval", "train-scorer", "--scorer", str(scorer),
                             "--scorer-steps", str(self.cfg.scorer_steps))
         self.made["scorer"] = str(scorer)
+        # The judge's own score on held-out real scenes: what the priors' figures are capped by.
+        self.metrics["real images"] = json.loads((scorer / "scorer_eval.json").read_text())
         for kind in self.cfg.priors:
             out = self.root / "eval" / kind
             if not self.skip(f"eval-{kind}", out / "metrics.json"):
@@ -212,10 +214,14 @@ def format_summary(result: dict[str, Any]) -> str:
     width = max(len(k) for k in result["made"])
     lines += [f"  {k:<{width}}  {v}" for k, v in result["made"].items()]
     if result["metrics"]:
-        lines += ["", "  prior  caption acc  shape  colour  size  Frechet  (real halves)"]
+        lines += ["", "  held-out prompts   caption acc  presence  shape  colour  size  | one object: colour  presence"
+                      "  | Frechet (real halves)"]
         for kind, m in result["metrics"].items():
-            lines.append(f"  {kind:<5}  {m['caption_accuracy']:>11.3f}  {m['shape']:>5.2f}  {m['colour']:>6.2f}  "
-                         f"{m['size']:>4.2f}  {m['frechet']:>7.2f}  ({m['frechet_real_halves']:.2f})")
+            one = (f"{m['colour_1obj']:>18.2f}  {m['presence_1obj']:>8.2f}" if "colour_1obj" in m
+                   else f"{'':>18}  {'':>8}")
+            fd = f"{m['frechet']:>7.2f} ({m['frechet_real_halves']:.2f})" if "frechet" in m else "(the scorer's ceiling)"
+            lines.append(f"  {kind:<17}  {m['caption_accuracy']:>11.3f}  {m['presence']:>8.2f}  {m['shape']:>5.2f}  "
+                         f"{m['colour']:>6.2f}  {m['size']:>4.2f}  | {one}  | {fd}")
     uri = result["tracking_uri"]
     lines += ["", "Open the MLflow UI (runs, metrics, sample grids, registered models):"]
     if uri.startswith("sqlite:"):

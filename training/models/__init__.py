@@ -89,7 +89,7 @@ def presets() -> dict[str, Preset]:
     """All backbone presets by name (``unet_*``, ``dit_*``)."""
     from training.models import dit, unet
 
-    return {**unet.PRESETS, **dit.PRESETS, **dit.MMDIT_PRESETS}
+    return {**unet.PRESETS, **dit.PRESETS}
 
 
 def build_denoiser(preset: str, spec: BackboneSpec, time_scale: float, null_text: NullText) -> Denoiser:
@@ -100,8 +100,6 @@ def build_denoiser(preset: str, spec: BackboneSpec, time_scale: float, null_text
         return unet.UNetDenoiser(unet.PRESETS[preset](spec), spec.text_dim, time_scale, null_text)
     if preset in dit.PRESETS:
         return dit.DiTDenoiser(dit.PRESETS[preset](spec), spec.text_dim, time_scale, null_text)
-    if preset in dit.MMDIT_PRESETS:
-        return dit.MMDiTDenoiser(dit.MMDIT_PRESETS[preset](spec), spec.text_dim, time_scale, null_text)
     raise ValueError(f"unknown backbone preset {preset!r} (known: {', '.join(sorted(presets()))})")
 
 
