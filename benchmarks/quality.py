@@ -40,7 +40,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.evaluation import EVAL_SEED, evaluate_prior, load_scorer, scene_batch, score_images  # noqa: E402
+from training.evaluation import (  # noqa: E402
+    EVAL_SEED,
+    evaluate_prior,
+    features,
+    frechet_distance,
+    load_scorer,
+    scene_batch,
+    score_images,
+)
 from training.generate import Prior, SampleOptions  # noqa: E402
 
 SETTINGS: dict[str, list[tuple[str, SampleOptions]]] = {
@@ -66,11 +74,30 @@ def nfe(family: str, options: SampleOptions, tokens: int) -> int:
     return 2 * options.steps - 1 if options.sampler == "heun" else options.steps
 
 
+@torch.no_grad()
+def through_autoencoder(export: Path, real: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The real images encoded and decoded by an autoencoder export (KL: posterior mean; VQ: nearest codes)."""
+    from training.export import load_export
+    from training.models.autoencoders import reconstruct
+
+    _, model = load_export(export)
+    model.eval()
+    return torch.cat([reconstruct(model, real[i:i + batch_size]).clamp(-1, 1) for i in range(0, len(real), batch_size)])
+
+
 def measure(workdir: Path, scorer_dir: Path, n: int, batch_size: int, families: list[str]) -> list[dict[str, Any]]:
     scorer = load_scorer(scorer_dir)
     real, attrs = scene_batch(EVAL_SEED, 0, n, scorer.cfg.size)
-    rows: list[dict[str, Any]] = [{"prior": "real images", "setting": "-", **score_images(scorer, real, attrs),
-                                   "frechet": float("nan"), "nfe": float("nan"), "seconds_per_image": float("nan")}]
+    nan = {"frechet": float("nan"), "nfe": float("nan"), "seconds_per_image": float("nan")}
+    rows: list[dict[str, Any]] = [{"prior": "real images", "setting": "-", **score_images(scorer, real, attrs), **nan}]
+    # The ceiling each stage-1 model puts on its priors: real scenes through encode + decode.
+    for ae in ("kl-vae", "vqgan"):
+        export = workdir / "runs" / ae / "export"
+        if (export / "export.json").is_file():
+            recon = through_autoencoder(export, real, batch_size)
+            f_rec, f_real = features(scorer, recon), features(scorer, real)
+            rows.append({"prior": ae, "setting": "reconstruction", **score_images(scorer, recon, attrs), **nan,
+                         "frechet": frechet_distance(f_rec, f_real)})
     for family in families:
         export = workdir / "runs" / family / "export"
         if not (export / "export.json").is_file():
@@ -116,6 +143,8 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
                                             ("seconds_per_image", "seconds per image (this machine)"))):
             ax = axes[i][j]
             for r in rows[1:]:
+                if r["prior"] not in colours:  # the autoencoder ceilings have no sampling cost
+                    continue
                 ax.scatter(r[xkey], r[key], color=colours[r["prior"]], s=30)
                 ax.annotate(r["setting"], (r[xkey], r[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
             ax.axhline(rows[0][key], color="grey", linestyle="--", linewidth=1)

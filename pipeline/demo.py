@@ -37,13 +37,15 @@ class DemoConfig:
     """Sizes of every stage; ``scale`` picks a preset, explicit values override it."""
 
     workdir: str = "demo-run"
-    scale: Literal["tiny", "small"] = "tiny"
+    scale: Literal["tiny", "medium", "small"] = "tiny"
     samples: int = 0  # 0: from the scale preset
     samples_per_shard: int = 0
-    ae_steps: int = 0
-    prior_steps: int = 0
-    ar_steps: int = 0  # the AR prior's steps (its steps cost ~3x the UNet's on a CPU)
-    batch_size: int = 0
+    ae_steps: int = 0  # the KL-VAE's steps
+    vq_steps: int = 0  # the VQGAN's steps (only the AR prior reads its tokens)
+    ae_batch_size: int = 0  # per rank, both autoencoders
+    prior_steps: int = 0  # the DDPM and flow priors' steps
+    ar_steps: int = 0  # the AR prior's steps (its steps cost ~3x the DiT's on a CPU)
+    batch_size: int = 0  # per rank, the priors
     scorer_steps: int = 0
     eval_n: int = 0
     priors: list[str] = field(default_factory=lambda: list(PRIORS))
@@ -65,14 +67,16 @@ class DemoConfig:
 
 
 SCALES: dict[str, dict[str, int]] = {
-    # tiny: the whole pipeline within ~15 minutes on a 2-core CPU.
-    # Measured (quiet 2-core machine, 2026-11-28): ae 300 / prior 300 / ar 300 steps took 18.8 min,
-    # 6.8 of them the AR prior; 200 / 300 / 120 is the budget that fits.
-    "tiny": {"samples": 2000, "samples_per_shard": 250, "ae_steps": 200, "prior_steps": 300, "ar_steps": 120,
-             "batch_size": 32, "scorer_steps": 600, "eval_n": 64},
-    # small: the budget meant for the evaluation's quality goals (hours on a CPU; not yet verified).
-    "small": {"samples": 20000, "samples_per_shard": 1000, "ae_steps": 4000, "prior_steps": 6000, "ar_steps": 6000,
-              "batch_size": 64, "scorer_steps": 2000, "eval_n": 500},
+    # tiny: the whole pipeline on a 2-core CPU; the flow and DDPM priors long enough to place the
+    # stated colour at the stated position (benchmarks/RESULTS.md, "Prior quality").
+    "tiny": {"samples": 2000, "samples_per_shard": 250, "ae_steps": 1000, "vq_steps": 300, "ae_batch_size": 16,
+             "prior_steps": 1000, "ar_steps": 120, "batch_size": 32, "scorer_steps": 2000, "eval_n": 200},
+    # medium: about an hour of a 2-core CPU; more data and steps for shapes and several objects.
+    "medium": {"samples": 8000, "samples_per_shard": 1000, "ae_steps": 2000, "vq_steps": 1500, "ae_batch_size": 16,
+               "prior_steps": 4000, "ar_steps": 1500, "batch_size": 32, "scorer_steps": 2000, "eval_n": 500},
+    # small: the budget for a GPU machine or a long CPU job.
+    "small": {"samples": 20000, "samples_per_shard": 1000, "ae_steps": 4000, "vq_steps": 4000, "ae_batch_size": 32,
+              "prior_steps": 6000, "ar_steps": 6000, "batch_size": 64, "scorer_steps": 2000, "eval_n": 500},
 }
 
 
@@ -143,12 +147,14 @@ class Demo:
                             f"tracking.experiment={EXPERIMENT}", *ray)
         self.made["image shards"] = str(data / "images")
         images = str(data / "images")
-        ae_steps = [f"steps={c.ae_steps}", f"checkpoint.every_steps={max(c.ae_steps // 2, 1)}",
-                    f"sample_every={c.ae_steps}", f"data.shards={images}"]
-        kl = self.train("kl-vae", "ae_kl_demo.yaml", root / "runs" / "kl-vae", *ae_steps)
+        def ae(steps: int) -> list[str]:
+            return [f"steps={steps}", f"checkpoint.every_steps={max(steps // 2, 1)}", f"sample_every={steps}",
+                    f"data.shards={images}", f"data.batch_size={c.ae_batch_size}"]
+
+        kl = self.train("kl-vae", "ae_kl_demo.yaml", root / "runs" / "kl-vae", *ae(c.ae_steps))
         vq = None
         if "ar" in c.priors:
-            vq = self.train("vqgan", "ae_vq_demo.yaml", root / "runs" / "vqgan", *ae_steps)
+            vq = self.train("vqgan", "ae_vq_demo.yaml", root / "runs" / "vqgan", *ae(c.vq_steps))
         latents = self.encode(data, kl, vq, ray)
         for kind in c.priors:
             steps = c.ar_steps if kind == "ar" else c.prior_steps
@@ -182,6 +188,8 @@ class Demo:
             self.latentpipe("scorer", "eval", "train-scorer", "--scorer", str(scorer),
                             "--scorer-steps", str(self.cfg.scorer_steps))
         self.made["scorer"] = str(scorer)
+        # The judge's own score on held-out real scenes: what the priors' figures are capped by.
+        self.metrics["real images"] = json.loads((scorer / "scorer_eval.json").read_text())
         for kind in self.cfg.priors:
             out = self.root / "eval" / kind
             if not self.skip(f"eval-{kind}", out / "metrics.json"):
@@ -211,10 +219,14 @@ def format_summary(result: dict[str, Any]) -> str:
     width = max(len(k) for k in result["made"])
     lines += [f"  {k:<{width}}  {v}" for k, v in result["made"].items()]
     if result["metrics"]:
-        lines += ["", "  prior  caption acc  shape  colour  size  Frechet  (real halves)"]
+        lines += ["", "  held-out prompts   caption acc  presence  shape  colour  size  | one object: colour  presence"
+                      "  | Frechet (real halves)"]
         for kind, m in result["metrics"].items():
-            lines.append(f"  {kind:<5}  {m['caption_accuracy']:>11.3f}  {m['shape']:>5.2f}  {m['colour']:>6.2f}  "
-                         f"{m['size']:>4.2f}  {m['frechet']:>7.2f}  ({m['frechet_real_halves']:.2f})")
+            one = (f"{m['colour_1obj']:>18.2f}  {m['presence_1obj']:>8.2f}" if "colour_1obj" in m
+                   else f"{'':>18}  {'':>8}")
+            fd = f"{m['frechet']:>7.2f} ({m['frechet_real_halves']:.2f})" if "frechet" in m else "(the scorer's ceiling)"
+            lines.append(f"  {kind:<17}  {m['caption_accuracy']:>11.3f}  {m['presence']:>8.2f}  {m['shape']:>5.2f}  "
+                         f"{m['colour']:>6.2f}  {m['size']:>4.2f}  | {one}  | {fd}")
     uri = result["tracking_uri"]
     lines += ["", "Open the MLflow UI (runs, metrics, sample grids, registered models):"]
     if uri.startswith("sqlite:"):

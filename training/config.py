@@ -71,10 +71,16 @@ class EmaConfig:
     decay: float = 0.999
     start_step: int = 0  # the EMA starts as a copy of the weights after this many steps
     every: int = 1  # update every N optimizer steps (decay applied as decay**N)
+    # > 0: warm-up, the n-th update uses min(decay, 1 - (1 + n) ** -warmup_power) (diffusers'
+    # use_ema_warmup with inv_gamma 1): the average spans ~n / 4 steps early on (power 3/4), so a
+    # short run does not sample from near-initial weights. 0: the constant decay from the start.
+    warmup_power: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {self.decay}")
+        if self.warmup_power < 0:
+            raise ValueError(f"warmup_power must be >= 0, got {self.warmup_power}")
         if self.start_step < 0 or self.every < 1:
             raise ValueError("need start_step >= 0 and every >= 1")
 

@@ -1,7 +1,10 @@
 """EMA of the primary module's weights, sharded exactly like DeepSpeed's fp32 master weights.
 
-w_ema <- decay * w_ema + (1 - decay) * w after each optimizer step (Polyak & Juditsky 1992;
-the usual diffusion-model EMA). A full fp32 EMA on every rank costs 4 bytes/param per rank,
+w_ema <- d_n * w_ema + (1 - d_n) * w after each optimizer step (Polyak & Juditsky 1992;
+the usual diffusion-model EMA), with d_n = decay, or with a warm-up
+d_n = min(decay, 1 - (1 + n) ** -warmup_power) at the n-th update (the power-function EMA
+warm-up of diffusers' ``EMAModel``), so the average of a short run is not dominated by its
+first weights. A full fp32 EMA on every rank costs 4 bytes/param per rank,
 more than ZeRO-2's whole sharded optimizer state at 8+ ranks, so each rank keeps the EMA of
 the fp32 master fragment it owns, and updates it in place from that fragment (no traffic):
 
@@ -119,10 +122,11 @@ def _fragments(path: Path, fh: Any) -> dict[str, Any]:
 class ShardedEMA:
     """This rank's shard of the EMA of ``engine``'s trainable weights (module docstring)."""
 
-    def __init__(self, engine: Any, decay: float, every: int = 1) -> None:
+    def __init__(self, engine: Any, decay: float, every: int = 1, warmup_power: float = 0.0) -> None:
         self.engine = engine
         self.decay = decay
         self.every = every
+        self.warmup_power = warmup_power
         self.updates = 0  # optimizer steps averaged in (counting from start())
         self.started = False
         self.mode, frags = master_fragments(engine)
@@ -149,12 +153,18 @@ class ShardedEMA:
         self.started = True
         self.updates = 0
 
+    def decay_at(self, n: int) -> float:
+        """The decay of the n-th update (n = 0 is the first after ``start()``)."""
+        if self.warmup_power <= 0:
+            return self.decay
+        return min(self.decay, 1.0 - (1.0 + n) ** -self.warmup_power)
+
     @torch.no_grad()
     def update(self) -> None:
-        """One EMA step with weight ``decay ** every`` (call after every ``every`` optimizer steps)."""
+        """One EMA step with weight ``decay_at(updates) ** every`` (call after every ``every`` optimizer steps)."""
         if not self.started:
             raise RuntimeError("EMA.update() before start()")
-        weight = 1.0 - self.decay ** self.every
+        weight = 1.0 - self.decay_at(self.updates) ** self.every
         emas, srcs = [], []
         for f in self._sources():
             if f.numel == 0:
@@ -226,7 +236,7 @@ class ShardedEMA:
 
     def state(self) -> dict[str, Any]:
         return {"started": self.started, "updates": self.updates, "decay": self.decay,
-                "every": self.every, "mode": self.mode}
+                "every": self.every, "warmup_power": self.warmup_power, "mode": self.mode}
 
 
 __all__ = ["EMA_FILE", "Fragment", "ShardedEMA", "master_fragments"]

@@ -137,7 +137,8 @@ class Trainer:
         self.stage = effective_stage(cfg, self.di.world_size, self.resume_from.state if self.resume_from else None)
         self.engines = build_engines(modules, cfg, self.di.world_size, universal=self.universal, stage=self.stage)
         self.modules = {k: e for k, e in self.engines.items()}
-        self.ema = ShardedEMA(self.engines["model"], cfg.ema.decay, cfg.ema.every) if cfg.ema.enabled else None
+        self.ema = (ShardedEMA(self.engines["model"], cfg.ema.decay, cfg.ema.every, cfg.ema.warmup_power)
+                    if cfg.ema.enabled else None)
         t_engines = time.perf_counter()
         self.tracker = Tracker(cfg.tracking, self.workdir, active=self.di.rank == 0, resume=cfg.resume,
                                default_name=default_run_name(cfg.model, self.workdir))

@@ -194,6 +194,22 @@ def score_images(model: SceneScorer, images: torch.Tensor, attributes: Sequence[
     }
 
 
+def score_by_object_count(model: SceneScorer, images: torch.Tensor, attributes: Sequence[dict[str, Any]]
+                          ) -> dict[str, float]:
+    """``score_images`` over one-object prompts (suffix ``_1obj``) and over two- and three-object
+    prompts (``_multi``) apart: a single object's colour and place are learned long before the
+    binding of several objects' attributes, and the mean over all prompts hides which is which."""
+    counts = np.array([len(a["objects"]) for a in attributes])
+    out: dict[str, float] = {}
+    for suffix, keep in (("_1obj", counts == 1), ("_multi", counts > 1)):
+        idx = np.flatnonzero(keep)
+        if len(idx):
+            sub = score_images(model, images[torch.from_numpy(idx)], [attributes[i] for i in idx])
+            out.update({f"{k}{suffix}": v for k, v in sub.items() if k != "count"})
+            out[f"prompts{suffix}"] = float(len(idx))
+    return out
+
+
 def features(model: SceneScorer, images: torch.Tensor) -> np.ndarray:
     """Scorer features [B, D] (float64) for the Fréchet distance."""
     return predict(model, images)["features"].double().numpy()
@@ -233,6 +249,7 @@ def evaluate_prior(prior: Any, scorer: SceneScorer, n: int, options: Any, seed: 
     prompts = [make_scene(seed, i, 32).caption for i in range(n)]
     generated = prior.images(prompts, options)
     metrics = score_images(scorer, generated, attrs)
+    metrics.update(score_by_object_count(scorer, generated, attrs))
     f_gen, f_real = features(scorer, generated), features(scorer, real)
     metrics["frechet"] = frechet_distance(f_gen, f_real)
     half = n // 2

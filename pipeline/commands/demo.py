@@ -15,8 +15,8 @@ HELP = "run every stage on built-in data: shards, autoencoders, latents, three p
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", help="where everything is written (default demo-run)")
-    p.add_argument("--scale", choices=["tiny", "small"],
-                   help="tiny: ~15 min on a 2-core CPU; small: the budget meant for the quality goals")
+    p.add_argument("--scale", choices=["tiny", "medium", "small"],
+                   help="tiny: minutes on a 2-core CPU; medium: about an hour there; small: a GPU machine's budget")
     p.add_argument("--ray-address", help="run the data stages on this Ray cluster (default: a local one)")
     p.add_argument("--fresh", action="store_true", help="delete the workdir and redo every stage")
     add_config_arguments(p)

@@ -1,5 +1,6 @@
 """The whole pipeline, at a reduced size, through the real `latentpipe demo` command: every
-stage's artefacts, registered models with lineage, and sample grids that are not blank."""
+stage's artefacts, registered models with lineage, sample grids that are not blank, and a
+best prior that draws the stated colours well above chance."""
 
 from __future__ import annotations
 
@@ -16,8 +17,11 @@ from PIL import Image
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
 
-SIZES = ["samples=160", "samples_per_shard=40", "ae_steps=6", "prior_steps=6", "ar_steps=6", "batch_size=8",
-         "scorer_steps=20", "eval_n=8"]
+# Long enough for the KL-VAE and the latent priors to learn colours (~4 of the test's minutes);
+# the VQGAN and AR prior only run through their stages.
+SIZES = ["samples=400", "samples_per_shard=100", "ae_steps=500", "vq_steps=6", "ae_batch_size=16", "prior_steps=400",
+         "ar_steps=6", "batch_size=32", "scorer_steps=500", "eval_n=200"]
+COLOUR_CHANCE = 0.1  # 10 colours
 
 
 def test_demo_end_to_end(tmp_path: Path) -> None:
@@ -28,6 +32,7 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1400)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "mlflow ui --backend-store-uri sqlite:///" in r.stderr and "--host 127.0.0.1" in r.stderr
+    assert "real images" in r.stderr and "one object: colour" in r.stderr  # the summary shows the judge's ceiling
 
     # Image shards: 4 complete shards, every input accounted for.
     images = work / "data" / "images"
@@ -35,7 +40,7 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert len(list(images.glob("shard-*.stats.json"))) == 4
     manifest = json.loads((images / "_manifest.json").read_text())
     t = manifest["totals"]
-    assert t["inputs"] == 160 and t["written"] + sum(t["skipped"].values()) + t.get("duplicates", 0) == 160
+    assert t["inputs"] == 400 and t["written"] + sum(t["skipped"].values()) + t.get("duplicates", 0) == 400
     assert pq.read_table(images / "_index.parquet").num_rows == t["written"]
 
     # Latent shards: same shard numbers and keys; shapes from the manifest.
@@ -69,9 +74,17 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
 
     # Evaluation metrics and a sample grid per prior that is not blank.
     summary = json.loads((work / "demo_summary.json").read_text())
+    # The judge can be trusted: it reads real held-out scenes almost perfectly.
+    assert summary["metrics"]["real images"]["colour"] > 0.95, summary["metrics"]["real images"]
+    # The best prior follows its captions' colours: over 200 held-out prompts (~400 stated objects,
+    # standard error ~0.015 at chance) at least twice chance, more than 6 standard errors above it.
+    # Measured on this machine: the flow prior's colour accuracy is ~0.3 at these sizes.
+    best = max(summary["metrics"][p]["colour"] for p in ("ddpm", "flow", "ar"))
+    assert best >= 2 * COLOUR_CHANCE, {p: summary["metrics"][p]["colour"] for p in ("ddpm", "flow", "ar")}
     for prior in ("ddpm", "flow", "ar"):
         m = summary["metrics"][prior]
         assert 0.0 <= m["caption_accuracy"] <= 1.0 and m["frechet"] >= 0.0
+        assert m["prompts_1obj"] + m["prompts_multi"] == 200
         grid = np.asarray(Image.open(work / "samples" / f"{prior}.png").convert("RGB")).astype(float)
         # The first generated image of the grid (right of the 260 px label column, 2x upscaled 32 px).
         tile = grid[2:66, 262:326]

@@ -27,8 +27,9 @@ def _full_weights(engine: object) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("stage,mode", [(0, "replicated"), (2, "hp"), (3, "zero3")])
-def test_ema_matches_hand_reference(stage: int, mode: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("stage,mode,warmup", [(0, "replicated", 0.0), (2, "hp", 0.0), (3, "zero3", 0.0),
+                                               (2, "hp", 0.75)])
+def test_ema_matches_hand_reference(stage: int, mode: str, warmup: float, tmp_path: Path) -> None:
     cfg = TrainConfig(model={"kind": "toy", "channels": 4, "hidden": 8})
     cfg.deepspeed.zero_stage = stage
     cfg.data.batch_size = 4
@@ -38,7 +39,7 @@ def test_ema_matches_hand_reference(stage: int, mode: str, tmp_path: Path) -> No
     engines = build_engines(build_modules(family, cfg, info.world_size), cfg, info.world_size)
     engine = engines["model"]
     decay = 0.75
-    ema = ShardedEMA(engine, decay)
+    ema = ShardedEMA(engine, decay, warmup_power=warmup)
     assert ema.mode == mode
 
     gen = torch.Generator().manual_seed(0)
@@ -52,12 +53,14 @@ def test_ema_matches_hand_reference(stage: int, mode: str, tmp_path: Path) -> No
     step()
     ema.start()
     ref = _full_weights(engine)
-    for _ in range(4):
+    for n in range(4):
         step()
         ema.update()
         w = _full_weights(engine)
-        ref = {k: decay * ref[k] + (1 - decay) * w[k] for k in ref}
-        assert not all(torch.equal(ref[k], w[k]) for k in ref)  # the EMA lags the weights
+        d = min(decay, 1 - (1 + n) ** -warmup) if warmup else decay
+        ref = {k: d * ref[k] + (1 - d) * w[k] for k in ref}
+        # The EMA lags the weights (with the warm-up, its first update copies them).
+        assert all(torch.equal(ref[k], w[k]) for k in ref) == (d == 0.0)
 
     full = ema.full_state()
     assert sorted(full) == sorted(ref)
@@ -69,6 +72,19 @@ def test_ema_matches_hand_reference(stage: int, mode: str, tmp_path: Path) -> No
     again.load(tmp_path / "ema")
     for k in ref:
         torch.testing.assert_close(again.full_state()[k], full[k], rtol=0, atol=0)
+
+
+def test_ema_warmup_schedule_values() -> None:
+    """The warm-up decay 1 - (1 + n) ** -p, capped at ``decay``; none without a power."""
+    ema = ShardedEMA.__new__(ShardedEMA)
+    ema.decay, ema.warmup_power = 0.999, 0.75
+    assert ema.decay_at(0) == 0.0  # the first update copies the weights
+    assert ema.decay_at(1) == pytest.approx(1 - 2 ** -0.75)  # 0.405
+    assert ema.decay_at(99) == pytest.approx(1 - 100 ** -0.75)  # 0.968: ~25 steps averaged at step 100
+    assert ema.decay_at(10_000) == 0.999  # capped
+    assert all(ema.decay_at(n) <= ema.decay_at(n + 1) for n in range(2000))
+    ema.warmup_power = 0.0
+    assert ema.decay_at(0) == ema.decay_at(5000) == 0.999
 
 
 def test_ema_load_rejects_incomplete_or_foreign_shards(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from training.evaluation import (
     frechet_distance,
     load_scorer,
     scene_batch,
+    score_by_object_count,
     score_images,
     train_scorer,
 )
@@ -49,6 +50,20 @@ def test_noise_scores_near_chance(scorer: tuple[Path, dict[str, float]]) -> None
     m = score_images(model, noise, attrs)
     assert m["caption_accuracy"] < 0.05, m
     assert m["colour"] < 0.3 and m["shape"] < 0.4, m
+
+
+def test_scores_split_by_object_count(scorer: tuple[Path, dict[str, float]]) -> None:
+    """One-object and multi-object prompts are scored apart, each exactly as ``score_images`` on its subset."""
+    model = load_scorer(scorer[0])
+    x, attrs = scene_batch(SMALL.seed + 5, 0, 120, 32)
+    # Real images for the one-object prompts, noise for the others: the split must tell them apart.
+    one = torch.tensor([len(a["objects"]) == 1 for a in attrs])
+    x = torch.where(one.view(-1, 1, 1, 1), x, torch.rand_like(x) * 2 - 1)
+    m = score_by_object_count(model, x, attrs)
+    assert m["prompts_1obj"] == one.sum().item() and m["prompts_1obj"] + m["prompts_multi"] == 120
+    assert m["colour_1obj"] > 0.9 and m["colour_multi"] < 0.3, m
+    ref = score_images(model, x[one], [a for a, o in zip(attrs, one) if o])
+    assert m["caption_accuracy_1obj"] == ref["caption_accuracy"] and m["presence_1obj"] == ref["presence"]
 
 
 def test_frechet_distance_halves_vs_noise(scorer: tuple[Path, dict[str, float]]) -> None:
