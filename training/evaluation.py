@@ -204,7 +204,7 @@ def score_by_object_count(model: SceneScorer, images: torch.Tensor, attributes: 
     for suffix, keep in (("_1obj", counts == 1), ("_multi", counts > 1)):
         idx = np.flatnonzero(keep)
         if len(idx):
-            sub = score_images(model, images[torch.from_numpy(idx)], [attributes[i] for i in idx])
+            sub = score_images(model, images[torch.from_numpy(idx)], [attributes[int(i)] for i in idx])
             out.update({f"{k}{suffix}": v for k, v in sub.items() if k != "count"})
             out[f"prompts{suffix}"] = float(len(idx))
     return out
