@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from training.ar_sampling import ARSampleConfig, sample_tokens
-from training.models.ar import PRESETS, ARConfig, build_ar
-from training.objectives.autoregressive import AutoregressiveObjective
+from latentpipe.training.ar_sampling import ARSampleConfig, sample_tokens
+from latentpipe.training.models.ar import PRESETS, ARConfig, build_ar
+from latentpipe.training.objectives.autoregressive import AutoregressiveObjective
 
 
 def batch(cfg: ARConfig, b: int, device: torch.device, g: torch.Generator) -> dict[str, torch.Tensor]:

@@ -26,12 +26,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from preprocessing.config import load_config
-from preprocessing.synthetic import make_scene
-from training.families import family_from_config
-from training.families.base import Family
-from training.models.autoencoders import compute_scaling_factor, reconstruct, vq_encode_tokens
-from training.objectives.autoencoder import code_histogram, codebook_stats, psnr
+from latentpipe.preprocessing.config import load_config
+from latentpipe.preprocessing.synthetic import make_scene
+from latentpipe.training.families import family_from_config
+from latentpipe.training.families.base import Family
+from latentpipe.training.models.autoencoders import compute_scaling_factor, reconstruct, vq_encode_tokens
+from latentpipe.training.objectives.autoencoder import code_histogram, codebook_stats, psnr
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def lr_at(step: int, total: int, lr: float, warmup: int, min_ratio: float) -> fl
 
 def train(config: Path, steps: int, batch: int, seed: int, log_every: int) -> tuple[Family, dict[str, Any], float]:
     """Train the family of ``config`` for ``steps``; returns (family, modules, wall seconds)."""
-    from training.config import TrainConfig
+    from latentpipe.training.config import TrainConfig
 
     cfg = load_config(TrainConfig, config)
     fam = family_from_config(cfg.model)
@@ -119,7 +119,7 @@ def main() -> int:
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    from training.config import TrainConfig
+    from latentpipe.training.config import TrainConfig
 
     held = scenes(1, 0, args.held_out)
     results: dict[str, dict[str, Any]] = {}

@@ -28,9 +28,16 @@ from typing import Any, Literal
 
 import torch
 
-from pipeline.encode import EncodeConfig, EncoderWorker, decode_shard, list_inputs, resolve_source, run_encode
-from pipeline.shard_store import OutputDir
-from preprocessing.encoders import KLVAEEncoder, TextEncoder
+from latentpipe.pipeline.encode import (
+    EncodeConfig,
+    EncoderWorker,
+    decode_shard,
+    list_inputs,
+    resolve_source,
+    run_encode,
+)
+from latentpipe.pipeline.shard_store import OutputDir
+from latentpipe.preprocessing.encoders import KLVAEEncoder, TextEncoder
 
 
 def make_autoencoders(root: Path) -> tuple[Path, Path]:
@@ -49,8 +56,8 @@ def make_autoencoders(root: Path) -> tuple[Path, Path]:
 
 
 def make_images(root: Path, n: int, size: int, per_shard: int) -> Path:
-    from pipeline.shard import ShardConfig, run_shard_job
-    from preprocessing.config import from_dict
+    from latentpipe.pipeline.shard import ShardConfig, run_shard_job
+    from latentpipe.preprocessing.config import from_dict
 
     cfg = from_dict(ShardConfig, {"source": {"spec": f"synthetic:{n}", "synthetic_size": size}, "out": str(root),
                                   "samples_per_shard": per_shard, "image": {"size": size, "format": "jpg"}})
@@ -84,7 +91,7 @@ def train_steps_per_s(root: Path, latents: str, images: Path, vae: Path, batch: 
     """steps/s of a small text-conditioned UNet (DDPM eps loss) on precomputed or on-the-fly latents."""
     from diffusers import UNet2DConditionModel
 
-    from training.data import DataConfig, ShardStream
+    from latentpipe.training.data import DataConfig, ShardStream
 
     kind: Literal["images", "latents"] = "images" if on_the_fly else "latents"
     stream = ShardStream(DataConfig(shards=str(images if on_the_fly else latents), kind=kind, batch_size=batch,

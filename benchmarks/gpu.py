@@ -4,7 +4,7 @@ What it checks and measures, each section on its own (a failing section is recor
 next one runs):
 
 - ``env``: torch / CUDA / NCCL / DeepSpeed versions and the device.
-- ``train``: the real trainer (``training.engine.Trainer``: DeepSpeed ZeRO-2 on the NCCL
+- ``train``: the real trainer (``latentpipe.training.engine.Trainer``: DeepSpeed ZeRO-2 on the NCCL
   backend, EMA on, data from latent shards through the WebDataset loader, tracking off) for the
   three 256 px priors (configs/prior_{ddpm,flow,ar}_256.yaml) in bf16 and in fp32, side by side:
   samples/s from the median step time after warm-up, peak GPU memory, finite losses.
@@ -41,8 +41,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from preprocessing.config import load_config  # noqa: E402
-from training.config import TrainConfig  # noqa: E402
+from latentpipe.preprocessing.config import load_config  # noqa: E402
+from latentpipe.training.config import TrainConfig  # noqa: E402
 
 SMOKE = False
 OUT: Path = Path(".")
@@ -108,8 +108,8 @@ SMOKE_PRIORS: list[tuple[str, str, int, list[str]]] = [
 def train() -> None:
     import torch.distributed as dist
 
+    from latentpipe.training.engine import Trainer
     from tests.shards import make_latent_shards
-    from training.engine import Trainer
 
     steps, warmup = (3, 1) if SMOKE else (12, 4)
     with tempfile.TemporaryDirectory() as tmp:
@@ -158,8 +158,8 @@ def train() -> None:
 def encode() -> None:
     import numpy as np
 
-    from preprocessing.encoders import KLVAEEncoder, VQGANEncoder
-    from training.models.autoencoders import AutoencoderArchConfig, build_autoencoder
+    from latentpipe.preprocessing.encoders import KLVAEEncoder, VQGANEncoder
+    from latentpipe.training.models.autoencoders import AutoencoderArchConfig, build_autoencoder
 
     size, n = (32, 8) if SMOKE else (256, 32)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -212,8 +212,8 @@ def _plain_step(fam: Any, modules: dict[str, torch.nn.Module], opt: torch.optim.
 
 
 def sample() -> None:
-    from training.families import family_from_config
-    from training.guidance import TextCond
+    from latentpipe.training.families import family_from_config
+    from latentpipe.training.guidance import TextCond
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     b = 2 if SMOKE else 16
@@ -235,7 +235,7 @@ def sample() -> None:
         del model
         torch.cuda.empty_cache()  # a no-op without CUDA
 
-    from training.ar_sampling import ARSampleConfig, sample_tokens
+    from latentpipe.training.ar_sampling import ARSampleConfig, sample_tokens
 
     if "ar" not in SAMPLERS:
         return
@@ -271,7 +271,7 @@ def plain() -> None:
     and the CUDA kernel time of one such step (torch.profiler): what the trainer's step costs on top."""
     from torch.profiler import ProfilerActivity, profile
 
-    from training.families import family_from_config
+    from latentpipe.training.families import family_from_config
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     b = 4 if SMOKE else 32

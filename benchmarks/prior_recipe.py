@@ -28,13 +28,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from preprocessing.encoders import TextEncoder  # noqa: E402
-from preprocessing.synthetic import make_scene  # noqa: E402
-from training.data import DataConfig, ShardStream  # noqa: E402
-from training.evaluation import EVAL_SEED, load_scorer, scene_batch, score_by_object_count, score_images  # noqa: E402
-from training.families import get_family  # noqa: E402
-from training.generate import labelled_grid, to_pil  # noqa: E402
-from training.guidance import TextCond  # noqa: E402
+from latentpipe.preprocessing.encoders import TextEncoder  # noqa: E402
+from latentpipe.preprocessing.synthetic import make_scene  # noqa: E402
+from latentpipe.training.data import DataConfig, ShardStream  # noqa: E402
+from latentpipe.training.evaluation import (  # noqa: E402
+    EVAL_SEED,
+    load_scorer,
+    scene_batch,
+    score_by_object_count,
+    score_images,
+)
+from latentpipe.training.families import get_family  # noqa: E402
+from latentpipe.training.generate import labelled_grid, to_pil  # noqa: E402
+from latentpipe.training.guidance import TextCond  # noqa: E402
 
 
 def load_latents(root: Path, max_len: int) -> dict[str, torch.Tensor]:

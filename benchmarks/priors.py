@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from preprocessing.config import load_config
-from training.config import TrainConfig
-from training.families import family_from_config
+from latentpipe.preprocessing.config import load_config
+from latentpipe.training.config import TrainConfig
+from latentpipe.training.families import family_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PRIORS = [  # (label, config, backbone)
@@ -80,7 +80,7 @@ def plain_rate(model_cfg: dict[str, Any], batch_size: int, steps: int, warmup: i
 def trainer_run(config: Path, backbone: str, shards: Path, work: Path, batch_size: int, steps: int
                 ) -> tuple[float, float]:
     """Wall and CPU seconds of a whole ``steps``-step local trainer run (build included)."""
-    from training.engine import Trainer
+    from latentpipe.training.engine import Trainer
 
     cfg = load_config(TrainConfig, config, [
         f"model.backbone={backbone}", f"data.shards={shards}", f"data.batch_size={batch_size}",

@@ -4,7 +4,7 @@
         [--precision fp32] [--stage 2] [--config configs/prior_ddpm_256.yaml --batch 32]   (GPU: see RESULTS.md)
 
 Each run is a fresh subprocess (``--worker trainer|bare``), alternating bare, trainer, bare,
-trainer ... so both see the same machine load. The trainer is ``training.engine.Trainer`` (real
+trainer ... so both see the same machine load. The trainer is ``latentpipe.training.engine.Trainer`` (real
 image or latent shards, the WebDataset loader, DeepSpeed, EMA on, tracking and checkpoints
 off); the bare loop is the family's loss, ``backward``, torch's multi-tensor clip and fused AdamW
 on one in-memory batch from the same shards. Every step appends a JSONL row to DIR/steps.jsonl
@@ -99,8 +99,8 @@ def _sync() -> None:
 
 
 def _train_cfg(args: argparse.Namespace, shards: Path, workdir: Path) -> Any:
-    from preprocessing.config import load_config
-    from training.config import TrainConfig
+    from latentpipe.preprocessing.config import load_config
+    from latentpipe.training.config import TrainConfig
 
     config = ROOT / (args.config or "configs/train_toy.yaml")
     extra = [] if args.config else [f"model.hidden={args.hidden}", f"model.depth={args.depth}", "model.channels=32"]
@@ -113,8 +113,8 @@ def _train_cfg(args: argparse.Namespace, shards: Path, workdir: Path) -> Any:
 
 
 def worker_trainer(args: argparse.Namespace, shards: Path, out: Path) -> None:
-    from training import engine as eng
-    from training.engine import Trainer
+    from latentpipe.training import engine as eng
+    from latentpipe.training.engine import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = _train_cfg(args, shards, Path(tmp) / "run")
@@ -159,8 +159,8 @@ def worker_trainer(args: argparse.Namespace, shards: Path, out: Path) -> None:
 def worker_bare(args: argparse.Namespace, shards: Path, out: Path) -> None:
     import torch
 
-    from training.data import ShardStream
-    from training.families import family_for_data
+    from latentpipe.training.data import ShardStream
+    from latentpipe.training.families import family_for_data
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = _train_cfg(args, shards, Path(tmp) / "run")
@@ -260,9 +260,9 @@ def main() -> None:
     steps_file.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         if args.latent:
-            from preprocessing.config import load_config
+            from latentpipe.preprocessing.config import load_config
+            from latentpipe.training.config import TrainConfig
             from tests.shards import make_latent_shards
-            from training.config import TrainConfig
 
             max_len = load_config(TrainConfig, ROOT / args.config).data.max_text_len if args.config else 32
             shards = make_latent_shards(Path(tmp) / "lat", n=2, per_shard=2 * args.batch, C=4, h=args.latent,
@@ -271,7 +271,7 @@ def main() -> None:
             from tests.shards import make_image_shards
 
             shards = make_image_shards(Path(tmp) / "img", 2, 2 * args.batch)
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ}
         passthrough = [a for a in sys.argv[1:]]
         for r in range(args.rounds):
             for side in ("bare", "trainer"):

@@ -2,7 +2,7 @@
 
 The priors are trained by ``latentpipe demo --scale SCALE --workdir DIR`` (the real stages: its
 preset is the stated training budget), run first unless DIR already holds a finished demo. For
-each trained prior (``DIR/runs/{ddpm,flow,ar}/export``) and each sampler setting below, ``training.evaluation.
+each trained prior (``DIR/runs/{ddpm,flow,ar}/export``) and each sampler setting below, ``latentpipe.training.evaluation.
 evaluate_prior`` samples the same ``--n`` held-out built-in captions (same seed) and the demo's
 scene scorer (``DIR/scorer``) reads them back:
 
@@ -40,7 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.evaluation import (  # noqa: E402
+from latentpipe.training.evaluation import (  # noqa: E402
     EVAL_SEED,
     evaluate_prior,
     features,
@@ -49,7 +49,7 @@ from training.evaluation import (  # noqa: E402
     scene_batch,
     score_images,
 )
-from training.generate import Prior, SampleOptions  # noqa: E402
+from latentpipe.training.generate import Prior, SampleOptions  # noqa: E402
 
 SETTINGS: dict[str, list[tuple[str, SampleOptions]]] = {
     "ddpm": [("ddpm-1000", SampleOptions(sampler="ddpm", steps=1000)),
@@ -77,8 +77,8 @@ def nfe(family: str, options: SampleOptions, tokens: int) -> int:
 @torch.no_grad()
 def through_autoencoder(export: Path, real: torch.Tensor, batch_size: int) -> torch.Tensor:
     """The real images encoded and decoded by an autoencoder export (KL: posterior mean; VQ: nearest codes)."""
-    from training.export import load_export
-    from training.models.autoencoders import reconstruct
+    from latentpipe.training.export import load_export
+    from latentpipe.training.models.autoencoders import reconstruct
 
     _, model = load_export(export)
     model.eval()
@@ -195,8 +195,8 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not (args.workdir / "demo_summary.json").is_file():  # train: the demo's real stages at this scale
-        subprocess.run([sys.executable, "-m", "pipeline.cli", "demo", "--scale", args.scale, "--workdir",
-                        str(args.workdir)], check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        subprocess.run([sys.executable, "-m", "latentpipe.pipeline.cli", "demo", "--scale", args.scale, "--workdir",
+                        str(args.workdir)], check=True, cwd=ROOT, env={**os.environ})
     out = args.out or args.workdir / "quality"
     out.mkdir(parents=True, exist_ok=True)
     summary = args.workdir / "demo_summary.json"

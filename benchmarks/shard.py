@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.shard import ShardConfig, run_shard_job
-from preprocessing.images import ImageConfig, process_image
-from preprocessing.sources import SourceConfig
-from preprocessing.synthetic import iter_scenes, write_folder
+from latentpipe.pipeline.shard import ShardConfig, run_shard_job
+from latentpipe.preprocessing.images import ImageConfig, process_image
+from latentpipe.preprocessing.sources import SourceConfig
+from latentpipe.preprocessing.synthetic import iter_scenes, write_folder
 
 
 def make_data(folder: Path, n: int) -> None:

@@ -11,7 +11,7 @@ import os
 import platform
 import time
 
-from preprocessing.synthetic import encode_image, make_scene
+from latentpipe.preprocessing.synthetic import encode_image, make_scene
 
 
 def rate(n: int, size: int, encode: bool) -> float:

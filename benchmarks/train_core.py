@@ -89,9 +89,9 @@ def worker_memory(out: Path, steps: int) -> None:
     import torch
     import torch.distributed as dist
 
-    from training.config import TrainConfig
-    from training.families import family_from_config
-    from training.zero import build_engines, build_modules, setup_distributed
+    from latentpipe.training.config import TrainConfig
+    from latentpipe.training.families import family_from_config
+    from latentpipe.training.zero import build_engines, build_modules, setup_distributed
 
     info = setup_distributed("auto")
     rows = []
@@ -137,9 +137,9 @@ def worker_memory(out: Path, steps: int) -> None:
 
 
 def worker_train(out: Path, shards: str, workdir: str, uri: str, steps: int) -> None:
-    from preprocessing.config import load_config
-    from training.config import TrainConfig
-    from training.engine import Trainer
+    from latentpipe.preprocessing.config import load_config
+    from latentpipe.training.config import TrainConfig
+    from latentpipe.training.engine import Trainer
 
     cfg = load_config(TrainConfig, ROOT / "configs/train_toy.yaml", [
         f"data.shards={shards}", f"workdir={workdir}", f"steps={steps}", "data.batch_size=8",
@@ -157,7 +157,7 @@ def worker_train(out: Path, shards: str, workdir: str, uri: str, steps: int) -> 
 
 
 def _torchrun(args: list[str], timeout: float = 3600) -> None:
-    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "PYTHONPATH": str(ROOT),
+    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
            "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", __file__, *args]
     subprocess.run(cmd, check=True, env=env, timeout=timeout, cwd=ROOT)

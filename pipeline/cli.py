@@ -1,4 +1,4 @@
-"""``latentpipe``: the command line. Each subcommand is a thin module in ``pipeline.commands``.
+"""``latentpipe``: the command line. Each subcommand is a thin module in ``latentpipe.pipeline.commands``.
 
 A subcommand module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and
 ``run(args) -> int``. Errors the user can fix (bad arguments, bad config, missing inputs)
@@ -18,18 +18,18 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, NoReturn, TypeVar
 
-from preprocessing.config import ConfigError, dump_yaml, load_config
+from latentpipe.preprocessing.config import ConfigError, dump_yaml, load_config
 
 # Order is the order shown by --help.
 SUBCOMMANDS = (
-    "pipeline.commands.synth",
-    "pipeline.commands.shard",
-    "pipeline.commands.encode",
-    "pipeline.commands.train",
-    "pipeline.commands.sample",
-    "pipeline.commands.eval",
-    "pipeline.commands.demo",
-    "pipeline.commands.verify",
+    "latentpipe.pipeline.commands.synth",
+    "latentpipe.pipeline.commands.shard",
+    "latentpipe.pipeline.commands.encode",
+    "latentpipe.pipeline.commands.train",
+    "latentpipe.pipeline.commands.sample",
+    "latentpipe.pipeline.commands.eval",
+    "latentpipe.pipeline.commands.demo",
+    "latentpipe.pipeline.commands.verify",
 )
 
 T = TypeVar("T")
@@ -65,7 +65,7 @@ def resolve_config(cls: type[T], args: argparse.Namespace, flags: dict[str, Any]
             raise ConfigError(f"unexpected argument {item!r}: expected one config.yaml and key=value overrides")
     base: dict[str, Any] = {}
     if path is not None:
-        from preprocessing.config import read_yaml
+        from latentpipe.preprocessing.config import read_yaml
 
         base = read_yaml(path)
     for key, value in (flags or {}).items():
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Shard image-caption data, precompute latents, and train text-to-image priors.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs and full tracebacks")
-    from preprocessing import __version__
+    from latentpipe.preprocessing import __version__
 
     parser.add_argument("--version", action="version", version=f"latentpipe {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -139,7 +139,7 @@ def setup_logging(verbose: bool) -> None:
 def _ray_cause(e: BaseException) -> str | None:
     if "ray" not in sys.modules:
         return None
-    from preprocessing.local_ray import ray_root_cause
+    from latentpipe.preprocessing.local_ray import ray_root_cause
 
     return ray_root_cause(e)
 
@@ -179,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-if __name__ == "__main__":  # `python -m pipeline.cli`: run the imported module, whose UserError the commands raise
-    from pipeline.cli import main as _main
+if __name__ == "__main__":  # `python -m latentpipe.pipeline.cli`: run the imported module, whose UserError the commands raise
+    from latentpipe.pipeline.cli import main as _main
 
     sys.exit(_main())

@@ -9,6 +9,7 @@ everything). Models are registered in the MLflow store ``sqlite:///<workdir>/mlf
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import logging
 import os
@@ -81,9 +82,9 @@ SCALES: dict[str, dict[str, int]] = {
 
 
 def configs_dir() -> Path:
-    """The YAML configs: ``$LATENTPIPE_CONFIGS``, else ``configs/`` of this source checkout."""
+    """The YAML configs: ``$LATENTPIPE_CONFIGS``, else the configs shipped as ``latentpipe.configs``."""
     env = os.environ.get("LATENTPIPE_CONFIGS")
-    path = Path(env) if env else Path(__file__).resolve().parents[1] / "configs"
+    path = Path(env) if env else Path(str(importlib.resources.files("latentpipe.configs")))
     if not (path / "ae_kl_demo.yaml").is_file():
         raise FileNotFoundError(f"demo configs not found in {path} (set LATENTPIPE_CONFIGS)")
     return path
@@ -107,7 +108,7 @@ class Demo:
     # -- helpers -----------------------------------------------------------------------------
 
     def latentpipe(self, stage: str, *args: str) -> None:
-        cmd = [sys.executable, "-m", "pipeline.cli", *args]
+        cmd = [sys.executable, "-m", "latentpipe.pipeline.cli", *args]
         log.info("[%s] %s", stage, " ".join(_short(a) for a in ["latentpipe", *args]))
         t0 = time.monotonic()
         r = subprocess.run(cmd, env=self.env)
@@ -248,7 +249,7 @@ def _gpus() -> int:
 
 
 def _has_checkpoint(workdir: Path) -> bool:
-    from training.checkpoint import latest_complete
+    from latentpipe.training.checkpoint import latest_complete
 
     root = workdir / "checkpoints"
     return root.is_dir() and latest_complete(root) is not None

@@ -10,7 +10,7 @@ run while an actor encodes. We drive Ray actors directly rather than Ray Data
 ``map_batches(ActorPoolStrategy)``: Ray Data streams blocks that mix rows of different
 shards and writes one file per block, so one output tar per input shard, renamed into place
 only when complete, would need a custom datasink that reassembles shards. With the shard as
-the unit, atomicity is one rename (``pipeline.shard_store.AtomicTar``), a retried task rewrites
+the unit, atomicity is one rename (``latentpipe.pipeline.shard_store.AtomicTar``), a retried task rewrites
 the same shard, and each distinct caption of a shard is encoded once. Inside a shard the
 actor runs batched inference.
 
@@ -39,13 +39,20 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from pipeline.job_tracking import JobRecord, JobTracking, counts, log_job
-from pipeline.manifest import summary_table, totals, write_index, write_manifest
-from pipeline.shard_store import MANIFEST, SHARD_RE, OutputDir, ShardStats, clear_output, shard_name
-from preprocessing import __version__
-from preprocessing.config import ConfigError, to_dict
-from preprocessing.progress import Progress
-from preprocessing.tar_format import (
+from latentpipe.pipeline.job_tracking import JobRecord, JobTracking, counts, log_job
+from latentpipe.pipeline.manifest import summary_table, totals, write_index, write_manifest
+from latentpipe.pipeline.shard_store import (
+    MANIFEST,
+    SHARD_RE,
+    OutputDir,
+    ShardStats,
+    clear_output,
+    shard_name,
+)
+from latentpipe.preprocessing import __version__
+from latentpipe.preprocessing.config import ConfigError, to_dict
+from latentpipe.preprocessing.progress import Progress
+from latentpipe.preprocessing.tar_format import (
     SAMPLE_TRUNCATED,
     TAR_UNREADABLE,
     drop_cut_sample,
@@ -56,7 +63,7 @@ from preprocessing.tar_format import (
 )
 
 if TYPE_CHECKING:
-    from preprocessing.encoders import Encoder
+    from latentpipe.preprocessing.encoders import Encoder
 
 log = logging.getLogger("latentpipe.encode")
 
@@ -118,7 +125,7 @@ def resolve_source(role: Literal["vae", "vqgan", "text"], uri: str, cache: Path 
                    tracking_uri: str | None = None) -> EncoderSource:
     """A local folder for ``uri``: a diffusers / transformers folder, a latentpipe export (or a
     training workdir holding ``export/``), or a registered MLflow model downloaded into ``cache``."""
-    from preprocessing.encoders import folder_sha256, minilm_path
+    from latentpipe.preprocessing.encoders import folder_sha256, minilm_path
 
     origin: dict[str, Any] = {}
     if role == "text" and uri.lower() in _BUNDLED_TEXT:
@@ -207,7 +214,7 @@ def encoder_id(sources: list[EncoderSource], cfg: EncodeConfig, device: str) -> 
 
 def build_encoder(src: EncoderSource, cfg: EncodeConfig, device: str | None) -> Encoder:
     """Load the encoder of ``src`` on ``device`` (None: CUDA if present)."""
-    from preprocessing.encoders import KLVAEEncoder, TextEncoder, VQGANEncoder
+    from latentpipe.preprocessing.encoders import KLVAEEncoder, TextEncoder, VQGANEncoder
 
     ident = {"source": src.uri, "format": src.format, "sha256": src.sha256, **src.origin}
     if src.role == "text":
@@ -216,7 +223,7 @@ def build_encoder(src: EncoderSource, cfg: EncodeConfig, device: str | None) -> 
     cls = KLVAEEncoder if src.role == "vae" else VQGANEncoder
     if src.format == "diffusers":
         return cls.from_pretrained(src.path, device, identity=ident)  # type: ignore[attr-defined, no-any-return]
-    from training.export import load_export, read_export_meta
+    from latentpipe.training.export import load_export, read_export_meta
 
     meta = read_export_meta(src.path)
     want = {"vae": "kl_vae", "vqgan": "vqgan"}[src.role]
@@ -437,7 +444,7 @@ def _sources(cfg: EncodeConfig) -> list[EncoderSource]:
 def _ray_init(address: str | None) -> bool:
     import os
 
-    from preprocessing.local_ray import init_ray
+    from latentpipe.preprocessing.local_ray import init_ray
 
     env = {k: os.environ.get(k, "1") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     # Workers' output (an actor's whole traceback) reaches the terminal with -v (debug logs) only: the

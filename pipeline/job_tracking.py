@@ -82,10 +82,10 @@ def _log(cfg: JobTracking, rec: JobRecord, uri: str) -> str:
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
 
-    from training.tracking import flatten_params, git_commit
-    from training.tracking_data import ShardDataset, dataset_input
-    from training.tracking_sender import artifact_location
-    from training.tracking_spool import fast_fail_http
+    from latentpipe.training.tracking import flatten_params, git_commit
+    from latentpipe.training.tracking_data import ShardDataset, dataset_input
+    from latentpipe.training.tracking_sender import artifact_location
+    from latentpipe.training.tracking_spool import fast_fail_http
 
     if uri.startswith(("http://", "https://")):
         fast_fail_http(10)

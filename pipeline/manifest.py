@@ -12,7 +12,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.shard_store import INDEX, MANIFEST, SCHEMA_VERSION, OutputDir, ShardStats
+from latentpipe.pipeline.shard_store import INDEX, MANIFEST, SCHEMA_VERSION, OutputDir, ShardStats
 
 
 def write_index(out: OutputDir, stats: Sequence[ShardStats], schema: pa.Schema) -> int:

@@ -28,9 +28,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.job_tracking import JobRecord, JobTracking, counts, log_job
-from pipeline.manifest import summary_table, totals, write_index, write_manifest
-from pipeline.shard_store import (
+from latentpipe.pipeline.job_tracking import JobRecord, JobTracking, counts, log_job
+from latentpipe.pipeline.manifest import summary_table, totals, write_index, write_manifest
+from latentpipe.pipeline.shard_store import (
     INDEX,
     MANIFEST,
     OutputDir,
@@ -40,13 +40,13 @@ from pipeline.shard_store import (
     rewrite_without,
     shards_to_run,
 )
-from preprocessing import __version__
-from preprocessing.captions import CaptionConfig, CaptionError, normalize_caption
-from preprocessing.config import config_hash, to_dict
-from preprocessing.fetch import FetchConfig, Fetcher, FetchResult, is_transient
-from preprocessing.images import ImageConfig, ImageError, process_image
-from preprocessing.progress import Progress
-from preprocessing.sources import RawSample, Source, SourceConfig, SourceError, open_source
+from latentpipe.preprocessing import __version__
+from latentpipe.preprocessing.captions import CaptionConfig, CaptionError, normalize_caption
+from latentpipe.preprocessing.config import config_hash, to_dict
+from latentpipe.preprocessing.fetch import FetchConfig, Fetcher, FetchResult, is_transient
+from latentpipe.preprocessing.images import ImageConfig, ImageError, process_image
+from latentpipe.preprocessing.progress import Progress
+from latentpipe.preprocessing.sources import RawSample, Source, SourceConfig, SourceError, open_source
 
 log = logging.getLogger("latentpipe.shard")
 
@@ -286,7 +286,7 @@ def run_shard_job(cfg: ShardConfig, overwrite: bool = False, retry_transient: bo
     if todo:
         import ray
 
-        from preprocessing.local_ray import init_ray
+        from latentpipe.preprocessing.local_ray import init_ray
 
         started = init_ray(cfg.ray_address, logging_level=logging.WARNING, configure_logging=True)
         try:

@@ -30,7 +30,13 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from preprocessing.tar_format import end_of_archive, group_members, read_ranges, sample_bytes, scan_tar
+from latentpipe.preprocessing.tar_format import (
+    end_of_archive,
+    group_members,
+    read_ranges,
+    sample_bytes,
+    scan_tar,
+)
 
 SCHEMA_VERSION = 1
 PLAN = "_plan.json"
@@ -211,7 +217,7 @@ class OutputDir:
 class AtomicTar:
     """A WebDataset tar written under a temporary name and renamed into place by ``commit``.
 
-    The bytes are ``preprocessing.tar_format.sample_bytes`` per sample, then the end-of-archive
+    The bytes are ``latentpipe.preprocessing.tar_format.sample_bytes`` per sample, then the end-of-archive
     marker: exactly what ``tarfile`` writes in USTAR format with mtime 0, so the same samples
     give byte-identical tars.
     """

@@ -1,3 +1,5 @@
 """Pure, single-process building blocks: readers, image and caption processing, encoders."""
 
-__version__ = "0.1.0"
+from importlib.metadata import version
+
+__version__ = version("latentpipe")

@@ -37,8 +37,8 @@ from typing import IO, Any, ClassVar, Literal
 import fsspec
 import pyarrow as pa
 
-from preprocessing.synthetic import encode_image, make_scene
-from preprocessing.tar_format import (
+from latentpipe.preprocessing.synthetic import encode_image, make_scene
+from latentpipe.preprocessing.tar_format import (
     IMAGE_EXTS,
     READ_ERRORS,
     SAMPLE_TRUNCATED,
@@ -59,7 +59,7 @@ TAR_EXTS = (".tar", ".tar.gz", ".tgz")
 IMAGE_COLUMNS = ("image", "url", "path", "file", "jpg", "png", "img")
 CAPTION_COLUMNS = ("caption", "text", "txt", "TEXT", "prompt")
 
-# Skip reasons produced by readers; tar damage uses the names of ``preprocessing.tar_format``.
+# Skip reasons produced by readers; tar damage uses the names of ``latentpipe.preprocessing.tar_format``.
 DUPLICATE_NAME = "duplicate_name"    # folder: a.jpg and a.png share one caption
 MISSING_FILE = "missing_file"
 UNREADABLE_FILE = "unreadable_file"

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 
-from preprocessing.synthetic import encode_image, make_scene, sample_key
+from latentpipe.preprocessing.synthetic import encode_image, make_scene, sample_key
 
 SCHEMA_VERSION = 1
 

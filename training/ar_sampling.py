@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from training.models.ar import ARPrior
+from latentpipe.training.models.ar import ARPrior
 
 # decoder(ids [B, h, w] int64) -> images [B, 3, H, W] in [-1, 1]
 TokenDecoder = Callable[[torch.Tensor], torch.Tensor]

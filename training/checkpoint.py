@@ -40,8 +40,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from training import safe_load
-from training.safe_load import CheckpointFileError
+from latentpipe.training import safe_load
+from latentpipe.training.safe_load import CheckpointFileError
 
 log = logging.getLogger("latentpipe.train")
 

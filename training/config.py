@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from training.data import DataConfig
-from training.tracking import TrackingConfig
+from latentpipe.training.data import DataConfig
+from latentpipe.training.tracking import TrackingConfig
 
 
 @dataclass
@@ -48,7 +48,7 @@ class DeepSpeedSection:
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer state + fp32 master on CPU (stages 1-3)
     offload_params: bool = False  # ZeRO-Infinity style parameter offload to CPU (stage 3 only)
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on GPUs, gloo on CPU
-    auto_stage: bool = True  # fp32 at one rank: ZeRO-1/2 run as ZeRO-0 (training.zero.effective_stage)
+    auto_stage: bool = True  # fp32 at one rank: ZeRO-1/2 run as ZeRO-0 (latentpipe.training.zero.effective_stage)
     extra: dict[str, Any] = field(default_factory=dict)
     config_file: str | None = None  # a DeepSpeed JSON (e.g. infra/deepspeed/zero3_offload.json): see below
 

@@ -41,9 +41,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from preprocessing.config import ConfigError
-from preprocessing.tar_format import IMAGE_EXTS, read_ranges
-from training.tar_index import SampleIndex, build_index, open_binary, resolve_shards
+from latentpipe.preprocessing.config import ConfigError
+from latentpipe.preprocessing.tar_format import IMAGE_EXTS, read_ranges
+from latentpipe.training.tar_index import SampleIndex, build_index, open_binary, resolve_shards
 
 log = logging.getLogger("latentpipe.data")
 

@@ -35,7 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from training.safe_load import CheckpointFileError
+from latentpipe.training.safe_load import CheckpointFileError
 
 EMA_FILE = "rank-{rank:05d}.safetensors"
 

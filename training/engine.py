@@ -34,19 +34,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from preprocessing.config import ConfigError, config_hash, save_config, to_dict
-from training import checkpoint as ckpt
-from training.config import TrainConfig
-from training.data import DataConfig, ShardStream
-from training.ema import ShardedEMA
-from training.export import consolidated_state_dict, save_export
-from training.families import Family, family_for_data, model_config_dict
-from training.monitor import TrainMonitor, quiet_known_noise
-from training.pending import Pending, StopPoll
-from training.safe_load import weights_only_loads
-from training.throughput import flops_per_sample, mfu, peak_flops
-from training.tracking import Tracker, default_run_name, git_commit
-from training.zero import (
+from latentpipe.preprocessing.config import ConfigError, config_hash, save_config, to_dict
+from latentpipe.training import checkpoint as ckpt
+from latentpipe.training.config import TrainConfig
+from latentpipe.training.data import DataConfig, ShardStream
+from latentpipe.training.ema import ShardedEMA
+from latentpipe.training.export import consolidated_state_dict, save_export
+from latentpipe.training.families import Family, family_for_data, model_config_dict
+from latentpipe.training.monitor import TrainMonitor, quiet_known_noise
+from latentpipe.training.pending import Pending, StopPoll
+from latentpipe.training.safe_load import weights_only_loads
+from latentpipe.training.throughput import flops_per_sample, mfu, peak_flops
+from latentpipe.training.tracking import Tracker, default_run_name, git_commit
+from latentpipe.training.zero import (
     DistInfo,
     build_engines,
     build_modules,

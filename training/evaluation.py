@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from preprocessing.progress import Progress
-from preprocessing.synthetic import COLOURS, POSITIONS, SHAPES, SIZES, make_scene
+from latentpipe.preprocessing.progress import Progress
+from latentpipe.preprocessing.synthetic import COLOURS, POSITIONS, SHAPES, SIZES, make_scene
 
 log = logging.getLogger("latentpipe.eval")
 NONE = len(SHAPES)  # shape class meaning "no object at this position"
@@ -239,7 +239,7 @@ EVAL_SEED = 4242  # held-out scenes for prompts: neither the demo data (seed 0) 
 
 def evaluate_prior(prior: Any, scorer: SceneScorer, n: int, options: Any, seed: int = EVAL_SEED
                    ) -> tuple[dict[str, float], torch.Tensor, list[str]]:
-    """Sample ``n`` held-out captions with ``prior`` (training.generate.Prior) and score them.
+    """Sample ``n`` held-out captions with ``prior`` (latentpipe.training.generate.Prior) and score them.
 
     Returns the metrics (caption accuracy, per-attribute accuracies, Fréchet distance to the
     real images of the same captions, and the real set's own split-half distance as a floor),

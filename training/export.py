@@ -18,11 +18,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from preprocessing.config import ConfigError
-from training.families import Family, family_from_config
+from latentpipe.preprocessing.config import ConfigError
+from latentpipe.training.families import Family, family_from_config
 
 if TYPE_CHECKING:
-    from training.ema import ShardedEMA
+    from latentpipe.training.ema import ShardedEMA
 
 SCHEMA_VERSION = 1
 WEIGHTS = "model.safetensors"

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from training.export import load_export, read_export_meta
+from latentpipe.training.export import load_export, read_export_meta
 
 log = logging.getLogger("latentpipe.generate")
 FAMILY_SAMPLERS = {"ddpm": ("ddpm", "ddim"), "flow": ("euler", "heun"), "ar": ("topk",)}
@@ -117,7 +117,7 @@ class Prior:
             if self.kind == "ar":
                 _, imgs = self.family.generate(self.module, text, mask, gen)  # type: ignore[attr-defined]
             else:
-                from training.guidance import TextCond
+                from latentpipe.training.guidance import TextCond
 
                 _, imgs = self.family.generate(self.module, TextCond.of(text, mask), gen)  # type: ignore[attr-defined]
                 if imgs is None:
@@ -128,7 +128,7 @@ class Prior:
 
 
 def _text_encoder(meta: dict[str, Any], override: str | None, device: str) -> Any:
-    from preprocessing.encoders import TextEncoder
+    from latentpipe.preprocessing.encoders import TextEncoder
 
     ident = (((meta.get("extra") or {}).get("encoders") or {}).get("text") or {}).get("identity") or {}
     source = override or ident.get("source")

@@ -19,7 +19,7 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
-from training.objectives import Model
+from latentpipe.training.objectives import Model
 
 C = TypeVar("C", bound="Guidable")
 

@@ -13,7 +13,7 @@ Ranks find each other through the environment (RANK, WORLD_SIZE, LOCAL_RANK, MAS
 Single-node runs (``--nnodes 1``, no ``--master-addr``/``--hostfile``) listen on 127.0.0.1 only: this
 process hosts the one rendezvous store (a ``TCPStore`` on a socket it bound to loopback) that
 torchrun's agent and every rank join as clients, and gloo/NCCL use the loopback interface.
-Ranks and launcher agents die with this process (``training.orphans``).
+Ranks and launcher agents die with this process (``latentpipe.training.orphans``).
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from preprocessing.config import load_config, save_config
-from preprocessing.local_ray import init_ray, is_local
-from training.config import TrainConfig
-from training.orphans import die_with_parent, guard_rank, launcher_env
+from latentpipe.preprocessing.config import load_config, save_config
+from latentpipe.preprocessing.local_ray import init_ray, is_local
+from latentpipe.training.config import TrainConfig
+from latentpipe.training.orphans import die_with_parent, guard_rank, launcher_env
 
 log = logging.getLogger("latentpipe.train")
 Launcher = Literal["local", "torchrun", "deepspeed", "ray"]
@@ -55,7 +55,7 @@ class LaunchOptions:
 
 def train(cfg: TrainConfig) -> Any:
     """Train on this rank (rank and world from the environment); returns a ``TrainResult``."""
-    from training.engine import train_loop
+    from latentpipe.training.engine import train_loop
 
     return train_loop(cfg)
 
@@ -92,7 +92,7 @@ def loopback_store() -> Iterator[int]:
 
 
 def _worker_cmd(config_path: Path) -> list[str]:
-    return ["-m", "training.launch", str(config_path.resolve())]
+    return ["-m", "latentpipe.training.launch", str(config_path.resolve())]
 
 
 def torchrun_command(config_path: Path, opts: LaunchOptions, store_port: int | None = None) -> list[str]:
@@ -120,7 +120,7 @@ def deepspeed_command(config_path: Path, opts: LaunchOptions, store_port: int | 
         cmd.append(f"--master_addr={opts.master_addr}")
     if opts.master_port:
         cmd.append(f"--master_port={opts.master_port}")
-    return cmd + ["--module", "training.launch", str(config_path.resolve())]
+    return cmd + ["--module", "latentpipe.training.launch", str(config_path.resolve())]
 
 
 def rank_env(store_port: int | None) -> dict[str, str]:
@@ -256,10 +256,10 @@ def launch(cfg: TrainConfig, opts: LaunchOptions) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Worker entry: ``python -m training.launch CONFIG.yaml`` (``--local_rank`` from deepspeed is ignored)."""
+    """Worker entry: ``python -m latentpipe.training.launch CONFIG.yaml`` (``--local_rank`` from deepspeed is ignored)."""
     args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
     if len(args) != 1:
-        print("usage: python -m training.launch CONFIG.yaml", file=sys.stderr)
+        print("usage: python -m latentpipe.training.launch CONFIG.yaml", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s rank" + os.environ.get("RANK", "0")
                         + " %(name)s: %(message)s")

@@ -1,10 +1,10 @@
 """The MLflow pyfunc wrapper of a latentpipe export, logged as a *model from code*.
 
-``training.tracking`` saves registered models with ``mlflow.pyfunc.save_model(python_model=
+``latentpipe.training.tracking`` saves registered models with ``mlflow.pyfunc.save_model(python_model=
 <this file>, artifacts={"export": <export dir>})``: MLflow copies this source file and the
 export folder (``model.safetensors`` + ``export.json``, see ``training/export.py``) into the model,
 and on load executes this file and calls ``load_context``. Nothing is pickled; the weights
-load through ``training.export.load_export`` (safetensors only), so the loading environment
+load through ``latentpipe.training.export.load_export`` (safetensors only), so the loading environment
 needs latentpipe installed.
 
     model = mlflow.pyfunc.load_model("models:/toy@best")
@@ -56,7 +56,7 @@ class LatentpipeExport(PythonModel):
 
     def load_context(self, context: PythonModelContext) -> None:
         try:
-            from training.export import load_export
+            from latentpipe.training.export import load_export
         except ImportError as e:  # the model is code + weights: the code must be importable
             raise ImportError(f"loading a latentpipe model needs the latentpipe package installed: {e}") from e
         self.family, self.module = load_export(Path(context.artifacts[EXPORT_ARTIFACT]))

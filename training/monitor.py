@@ -1,9 +1,9 @@
 """What rank 0 shows of a training run: progress, the periodic metric line, the final summary.
 
 On a terminal a tqdm bar; elsewhere (Ray jobs, CI, ``nohup``) a log line every
-``progress_interval`` seconds (``preprocessing.progress.Progress``, the other stages' progress)
+``progress_interval`` seconds (``latentpipe.preprocessing.progress.Progress``, the other stages' progress)
 with step/total, steps/s, samples/s, the loss, MFU where the device's peak is known
-(``training.throughput``), the data-wait share, memory and the ETA, after torchtitan's metric
+(``latentpipe.training.throughput``), the data-wait share, memory and the ETA, after torchtitan's metric
 line. The loss and MFU are those of the last log point (the loop reads the device only there).
 """
 
@@ -16,8 +16,8 @@ import warnings
 
 import torch
 
-from preprocessing.progress import Progress, _fmt_eta
-from training.throughput import mfu
+from latentpipe.preprocessing.progress import Progress, _fmt_eta
+from latentpipe.training.throughput import mfu
 
 log = logging.getLogger("latentpipe.train")
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from preprocessing.config import ConfigError
+from latentpipe.preprocessing.config import ConfigError
 
 
 class CheckpointFileError(ConfigError):

@@ -9,7 +9,7 @@
 
 Every sampler is batched (noise [B, C, h, w] -> samples [B, C, h, w]), seedable through a
 ``torch.Generator`` (only the stochastic ones draw from it), and takes a classifier-free
-guidance weight (``training.guidance.guided``: one batched pass over [cond; null]).
+guidance weight (``latentpipe.training.guidance.guided``: one batched pass over [cond; null]).
 
 Autoregressive token sampling (top-k / top-p) is a different interface (logits over a
 vocabulary, not a denoiser) and lives apart from this file.
@@ -21,10 +21,10 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from training.guidance import guided
-from training.objectives import Model
-from training.objectives.ddpm import NoiseSchedule
-from training.objectives.flow import TimeShift
+from latentpipe.training.guidance import guided
+from latentpipe.training.objectives import Model
+from latentpipe.training.objectives.ddpm import NoiseSchedule
+from latentpipe.training.objectives.flow import TimeShift
 
 
 class Sampler(Protocol):

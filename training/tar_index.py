@@ -37,8 +37,8 @@ from typing import IO, Any
 import numpy as np
 from braceexpand import braceexpand
 
-from preprocessing.config import ConfigError
-from preprocessing.tar_format import (
+from latentpipe.preprocessing.config import ConfigError
+from latentpipe.preprocessing.tar_format import (
     IMAGE_EXTS,
     MEMBER_NOT_A_FILE,
     SAMPLE_DUPLICATE_KEY,
@@ -180,7 +180,7 @@ def index_tar(path: str, cache_dir: Path | None = None) -> TarIndex:
 
 
 def group_samples(idx: TarIndex) -> tuple[list[Sample], Counter[str]]:
-    """The samples of one indexed tar (``preprocessing.tar_format.group_members``) and the count
+    """The samples of one indexed tar (``latentpipe.preprocessing.tar_format.group_members``) and the count
     of members that belong to none."""
     return group_members(Member(n, o, z, i, True) for i, (n, o, z) in
                          enumerate(zip(idx.names, idx.offsets.tolist(), idx.sizes.tolist())))

@@ -15,7 +15,7 @@ A write-ahead log between the training loop and MLflow:
 - Replays are idempotent, so a crash between a send and its commit never duplicates anything.
 - ``close()`` waits a bounded time; what is still unsent stays in the spool and is replayed
   by the next Tracker in the same workdir, or by ``replay_spool(path, uri)`` /
-  ``python -m training.tracking replay PATH [--uri URI]``.
+  ``python -m latentpipe.training.tracking replay PATH [--uri URI]``.
 
 Registered models are MLflow 3 logged models of the run, pyfunc *models from code*
 (``training/mlflow_model.py``) whose artifact is the export folder (safetensors +
@@ -52,8 +52,8 @@ from typing import Any
 import yaml
 from PIL import Image
 
-from training.tracking_sender import Replayer, Sender, replay_spool
-from training.tracking_spool import (
+from latentpipe.training.tracking_sender import Replayer, Sender, replay_spool
+from latentpipe.training.tracking_spool import (
     RUN_KEY_TAG,
     SPOOL_DIR,
     Spool,
@@ -426,7 +426,7 @@ class Tracker:
         log.warning(
             "MLflow tracking at %s was not reachable before close: %d bytes of tracking events (metrics, "
             "params, images, model registrations) are kept in %s. The next run in %s replays them "
-            "automatically; to replay them now: python -m training.tracking replay %s --uri %s",
+            "automatically; to replay them now: python -m latentpipe.training.tracking replay %s --uri %s",
             self.uri, pending, self._spool.path, self.workdir, self._spool.path, self.uri)
         if release:
             self._spool.unlock()
@@ -475,8 +475,8 @@ def _now_ms() -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m training.tracking replay PATH [--uri URI]``."""
-    p = argparse.ArgumentParser(prog="python -m training.tracking", description="Replay MLflow tracking spools.")
+    """``python -m latentpipe.training.tracking replay PATH [--uri URI]``."""
+    p = argparse.ArgumentParser(prog="python -m latentpipe.training.tracking", description="Replay MLflow tracking spools.")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("replay", help="send a spool left on disk to MLflow")
     r.add_argument("path", help="a <run_key>.jsonl spool, or a workdir's mlflow-spool/ folder")

@@ -29,7 +29,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from training.tracking_spool import (
+from latentpipe.training.tracking_spool import (
     REGISTER_KEY_TAG,
     REJECTED_FILE,
     RUN_KEY_TAG,
@@ -40,7 +40,7 @@ from training.tracking_spool import (
     import_mlflow,
 )
 
-log = logging.getLogger("training.tracking")
+log = logging.getLogger("latentpipe.training.tracking")
 
 BATCH_LIMITS = {"metrics": 1000, "params": 100, "tags": 100}  # MLflow's log_batch limits
 PERMANENT_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
@@ -175,7 +175,7 @@ class Replayer:
                                                                       events[0].get("artifact_path"))
                 shutil.rmtree(src.parent, ignore_errors=True)
         elif op == "input":
-            from training.tracking_data import dataset_input
+            from latentpipe.training.tracking_data import dataset_input
 
             c.log_inputs(self._run(), datasets=[dataset_input(events[0]["dataset"], events[0]["context"])])
         elif op == "register":

@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("training.tracking")
+log = logging.getLogger("latentpipe.training.tracking")
 
 SPOOL_DIR = "mlflow-spool"
 REJECTED_FILE = "rejected.jsonl"  # events the store refused for good (bad values), with the reason
@@ -50,7 +50,7 @@ def import_mlflow() -> None:
         import mlflow.pyfunc  # noqa: F401
         from mlflow import MlflowClient  # noqa: F401
 
-        import training.tracking_data  # noqa: F401  (mlflow.data)
+        import latentpipe.training.tracking_data  # noqa: F401  (mlflow.data)
 
 
 class TrackingUnavailable(RuntimeError):
@@ -289,7 +289,7 @@ class SpoolWriter:
             return event
         if kind == "dataset":
             import_mlflow()
-            from training.tracking_data import ShardDataset
+            from latentpipe.training.tracking_data import ShardDataset
 
             return {**event, "dataset": ShardDataset(*payload[1:]).entity_dict()}
         raise ValueError(f"unknown payload {kind!r}")

@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from preprocessing.config import ConfigError
-from training.config import TrainConfig, merge_into
+from latentpipe.preprocessing.config import ConfigError
+from latentpipe.training.config import TrainConfig, merge_into
 
 log = logging.getLogger("latentpipe.train")
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.cli import add_config_arguments, print_config_and_exit, resolve_config
+from latentpipe.pipeline.cli import add_config_arguments, print_config_and_exit, resolve_config
 
 NAME = "demo"
 HELP = "run every stage on built-in data: shards, autoencoders, latents, three priors, eval, samples"
@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.demo import Demo, DemoConfig, format_summary
+    from latentpipe.pipeline.demo import Demo, DemoConfig, format_summary
 
     cfg = resolve_config(DemoConfig, args, {"workdir": args.workdir, "scale": args.scale,
                                             "ray_address": args.ray_address})

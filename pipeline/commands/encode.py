@@ -13,8 +13,8 @@ import json
 import logging
 import sys
 
-from pipeline.cli import UserError, add_config_arguments, print_config_and_exit, resolve_config
-from pipeline.encode import EncodeConfig, run_encode
+from latentpipe.pipeline.cli import UserError, add_config_arguments, print_config_and_exit, resolve_config
+from latentpipe.pipeline.encode import EncodeConfig, run_encode
 
 NAME = "encode"
 HELP = "precompute latents, VQ tokens and text embeddings of image shards (Ray)"

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.cli import UserError
+from latentpipe.pipeline.cli import UserError
 
 NAME = "eval"
 HELP = "score a prior's samples (caption accuracy, Frechet distance); train-scorer trains the judge"
@@ -42,8 +42,8 @@ def run(args: argparse.Namespace) -> int:
         return _train_scorer(args)
     if not args.model:
         raise UserError("--model is required (or use `latentpipe eval train-scorer`)")
-    from training.evaluation import evaluate_prior, load_scorer
-    from training.generate import Prior, SampleOptions, labelled_grid, to_pil
+    from latentpipe.training.evaluation import evaluate_prior, load_scorer
+    from latentpipe.training.generate import Prior, SampleOptions, labelled_grid, to_pil
 
     if args.n < 4:
         raise UserError("--n must be >= 4")
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train_scorer(args: argparse.Namespace) -> int:
-    from training.evaluation import ScorerConfig, train_scorer
+    from latentpipe.training.evaluation import ScorerConfig, train_scorer
 
     cfg = ScorerConfig()
     for flag, value in (("--scorer-steps", args.scorer_steps), ("--scorer-samples", args.scorer_samples)):

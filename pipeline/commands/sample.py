@@ -8,7 +8,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from pipeline.cli import UserError
+from latentpipe.pipeline.cli import UserError
 
 NAME = "sample"
 HELP = "sample images for prompts from a trained prior and write a labelled grid"
@@ -52,7 +52,7 @@ def check_device(device: str | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from training.generate import Prior, SampleOptions, labelled_grid, to_pil
+    from latentpipe.training.generate import Prior, SampleOptions, labelled_grid, to_pil
 
     prompts = list(args.prompt)
     if args.prompts_file:

@@ -9,10 +9,10 @@ import argparse
 import logging
 import sys
 
-from pipeline.cli import UserError, add_config_arguments, print_config_and_exit, resolve_config
-from pipeline.shard import ShardConfig, run_shard_job
-from pipeline.shard_store import OutputMismatchError
-from preprocessing.sources import SourceError
+from latentpipe.pipeline.cli import UserError, add_config_arguments, print_config_and_exit, resolve_config
+from latentpipe.pipeline.shard import ShardConfig, run_shard_job
+from latentpipe.pipeline.shard_store import OutputMismatchError
+from latentpipe.preprocessing.sources import SourceError
 
 NAME = "shard"
 HELP = "turn image-caption sources into WebDataset image shards (Ray job)"

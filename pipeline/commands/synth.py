@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pipeline.cli import UserError, add_config_arguments, print_config_and_exit, resolve_config
-from preprocessing.config import save_config
-from preprocessing.progress import Progress
-from preprocessing.synthetic import Scene, iter_scenes, write_folder, write_parquet
+from latentpipe.pipeline.cli import UserError, add_config_arguments, print_config_and_exit, resolve_config
+from latentpipe.preprocessing.config import save_config
+from latentpipe.preprocessing.progress import Progress
+from latentpipe.preprocessing.synthetic import Scene, iter_scenes, write_folder, write_parquet
 
 NAME = "synth"
 HELP = "generate built-in captioned scenes (folder or parquet)"

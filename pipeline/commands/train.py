@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.cli import UserError, add_config_arguments, print_config_and_exit, resolve_config
+from latentpipe.pipeline.cli import UserError, add_config_arguments, print_config_and_exit, resolve_config
 
 NAME = "train"
 HELP = "train a model family (DeepSpeed ZeRO; local, torchrun, deepspeed or Ray Train)"
@@ -28,11 +28,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from training.config import TrainConfig
-    from training.families import family_for_data
-    from training.launch import LaunchOptions, launch
-    from training.tar_index import resolve_shards
-    from training.workdir_lock import LOCK_NAME, WorkdirInUseError, WorkdirLock
+    from latentpipe.training.config import TrainConfig
+    from latentpipe.training.families import family_for_data
+    from latentpipe.training.launch import LaunchOptions, launch
+    from latentpipe.training.tar_index import resolve_shards
+    from latentpipe.training.workdir_lock import LOCK_NAME, WorkdirInUseError, WorkdirLock
 
     cfg = resolve_config(TrainConfig, args, {"resume": True if args.resume else None,
                                              "resume_on_changed_data": True if args.resume_on_changed_data else None})

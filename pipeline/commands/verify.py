@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.cli import UserError
+from latentpipe.pipeline.cli import UserError
 
 NAME = "verify"
 HELP = "check training checkpoints (digests, weights-only reads) without training"
@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from training.checkpoint import MARKER, check, list_complete
+    from latentpipe.training.checkpoint import MARKER, check, list_complete
 
     path = Path(args.path)
     if not path.is_dir():

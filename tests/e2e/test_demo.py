@@ -28,7 +28,7 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     work = tmp_path / "demo"
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["HF_HUB_OFFLINE"] = "1"
-    cmd = [sys.executable, "-m", "pipeline.cli", "demo", "--workdir", str(work), *SIZES]
+    cmd = [sys.executable, "-m", "latentpipe.pipeline.cli", "demo", "--workdir", str(work), *SIZES]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1400)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "mlflow ui --backend-store-uri sqlite:///" in r.stderr and "--host 127.0.0.1" in r.stderr

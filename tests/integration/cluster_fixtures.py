@@ -84,7 +84,7 @@ class MultiNodeCluster:
         self._lock = threading.Lock()
         read_fd, write_fd = os.pipe()
         spec = json.dumps({"nodes": dict(nodes), "tmp": str(self.tmp)})
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
         with open(self.log_path, "ab") as logf:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "tests.integration.cluster_fixtures", "serve", spec, str(write_fd)],

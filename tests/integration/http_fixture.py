@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from preprocessing.synthetic import encode_image, make_scene
+from latentpipe.preprocessing.synthetic import encode_image, make_scene
 
 
 def scene_jpeg(name: str, size: int = 48) -> bytes:

@@ -15,13 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from preprocessing.config import from_dict
+from latentpipe.preprocessing.config import from_dict
+from latentpipe.training.ar_sampling import ARSampleConfig
+from latentpipe.training.config import TrainConfig
+from latentpipe.training.export import load_export
+from latentpipe.training.families.ar import ARFamily
+from latentpipe.training.launch import LaunchOptions, launch
 from tests.shards import make_latent_shards
-from training.ar_sampling import ARSampleConfig
-from training.config import TrainConfig
-from training.export import load_export
-from training.families.ar import ARFamily
-from training.launch import LaunchOptions, launch
 
 pytestmark = pytest.mark.integration
 

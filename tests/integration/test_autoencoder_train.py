@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from latentpipe.training.checkpoint import latest_complete
+from latentpipe.training.export import load_export, read_export_meta
+from latentpipe.training.models.autoencoders import AutoencoderArchConfig, build_autoencoder, reconstruct
 from tests.shards import make_image_shards
-from training.checkpoint import latest_complete
-from training.export import load_export, read_export_meta
-from training.models.autoencoders import AutoencoderArchConfig, build_autoencoder, reconstruct
 
 pytestmark = pytest.mark.integration
 
@@ -34,14 +34,14 @@ TINY = ["model.arch.block_out_channels=[8,16,16]", "model.arch.norm_num_groups=4
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     return {**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-            "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false", "PYTHONPATH": str(ROOT)}
+            "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"}
 
 
 def _train(config: str, workdir: Path, shards: Path, *extra: str, nproc: int = 1, resume: bool = False,
            timeout: float = 240) -> str:
     flags = ["--launcher", "torchrun", "--nproc", str(nproc)] if nproc > 1 else []
     flags += ["--resume"] if resume else []
-    cmd = [sys.executable, "-m", "pipeline.cli", "train", str(ROOT / "configs" / config),
+    cmd = [sys.executable, "-m", "latentpipe.pipeline.cli", "train", str(ROOT / "configs" / config),
            f"data.shards={shards}", f"workdir={workdir}", f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}", *TINY,
            *extra, *flags]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -54,7 +54,7 @@ def _train(config: str, workdir: Path, shards: Path, *extra: str, nproc: int = 1
 def _held(n: int = 6) -> torch.Tensor:
     import numpy as np
 
-    from preprocessing.synthetic import make_scene
+    from latentpipe.preprocessing.synthetic import make_scene
 
     arr = np.stack([np.asarray(make_scene(7, i, 32).image) for i in range(n)])
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1  # [n,3,32,32]

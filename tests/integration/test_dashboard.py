@@ -27,8 +27,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from latentpipe.training.tracking_data import manifest_digest
 from tests.integration.mlflow_fixtures import MlflowServer
-from training.tracking_data import manifest_digest
 
 pytestmark = pytest.mark.integration
 
@@ -74,11 +74,11 @@ def inputs(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
 @pytest.fixture(scope="module")
 def dash(tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> Iterator[dict[str, Any]]:
     """The pipeline above, logged into one real server; yields the server and the paths."""
-    from pipeline.commands.eval import log_to_mlflow
-    from pipeline.encode import EncodeConfig, run_encode
-    from pipeline.job_tracking import JobTracking
-    from pipeline.shard import ShardConfig, run_shard_job
-    from preprocessing.config import from_dict
+    from latentpipe.pipeline.commands.eval import log_to_mlflow
+    from latentpipe.pipeline.encode import EncodeConfig, run_encode
+    from latentpipe.pipeline.job_tracking import JobTracking
+    from latentpipe.pipeline.shard import ShardConfig, run_shard_job
+    from latentpipe.preprocessing.config import from_dict
     from tests.unit.test_encoders import make_vae
 
     root = tmp_path_factory.mktemp("dash")
@@ -94,8 +94,8 @@ def dash(tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> Iterator[
                                       vae=str(make_vae(root / "vae")), batch_size=4, num_actors=1,
                                       tracking=JobTracking(**tracking)), show_progress=False)
         env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-        cmd = [sys.executable, "-m", "pipeline.cli", "train", str(ROOT / "configs" / "train_toy.yaml"),
+        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+        cmd = [sys.executable, "-m", "latentpipe.pipeline.cli", "train", str(ROOT / "configs" / "train_toy.yaml"),
                f"data.shards={root / 'data' / 'images'}", f"workdir={root / 'train'}", "steps=4", "eval_every=2",
                "sample_every=4", "checkpoint.every_steps=4", "data.batch_size=2", "data.num_workers=0",
                "tracking.system_metrics=false", f"tracking.uri={server.uri}", f"tracking.experiment={EXPERIMENT}",

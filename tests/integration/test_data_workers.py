@@ -8,16 +8,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from training.data import DataConfig, ShardStream
+from latentpipe.training.data import DataConfig, ShardStream
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def shard_output(tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> Path:
-    from pipeline.shard import ShardConfig, run_shard_job
-    from preprocessing.images import ImageConfig
-    from preprocessing.sources import SourceConfig
+    from latentpipe.pipeline.shard import ShardConfig, run_shard_job
+    from latentpipe.preprocessing.images import ImageConfig
+    from latentpipe.preprocessing.sources import SourceConfig
 
     out = tmp_path_factory.mktemp("shard")
     cfg = ShardConfig(source=SourceConfig(spec="synthetic:13"), out=str(out), samples_per_shard=5,

@@ -22,9 +22,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.encode import EncodeConfig, run_encode
-from preprocessing.config import ConfigError
-from preprocessing.encoders import KLVAEEncoder, TextEncoder, VQGANEncoder
+from latentpipe.pipeline.encode import EncodeConfig, run_encode
+from latentpipe.preprocessing.config import ConfigError
+from latentpipe.preprocessing.encoders import KLVAEEncoder, TextEncoder, VQGANEncoder
 from tests.shards import truncate, write_tar
 from tests.unit.test_encoders import make_vae, make_vqgan
 
@@ -55,8 +55,8 @@ def snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> dict[str, Path]:
     """Image shards written by the real ``latentpipe shard`` job, and tiny random autoencoders."""
-    from pipeline.shard import ShardConfig, run_shard_job
-    from preprocessing.config import from_dict
+    from latentpipe.pipeline.shard import ShardConfig, run_shard_job
+    from latentpipe.preprocessing.config import from_dict
 
     root = tmp_path_factory.mktemp("encode")
     cfg = from_dict(ShardConfig, {"source": {"spec": f"synthetic:{N_SHARDS * PER_SHARD}", "synthetic_size": 32},
@@ -131,7 +131,7 @@ def test_manifest_index_and_stats(data: dict[str, Path], clean: dict[str, Any]) 
 
 
 def clean_sha(path: Path) -> str:
-    from preprocessing.encoders import folder_sha256
+    from latentpipe.preprocessing.encoders import folder_sha256
 
     return folder_sha256(path)
 
@@ -148,7 +148,7 @@ def test_killed_job_resumes_to_the_clean_result(data: dict[str, Path], clean: di
     import ray
 
     root = data["root"] / "killed"
-    cmd = [sys.executable, "-m", "pipeline.cli", "encode", "--images", str(data["images"]), "--out", str(root),
+    cmd = [sys.executable, "-m", "latentpipe.pipeline.cli", "encode", "--images", str(data["images"]), "--out", str(root),
            "--vae", str(data["vae"]), "--vqgan", str(data["vqgan"]), "--text-encoder", "minilm",
            "--text-dtype", "float32", "--batch-size", "2", "--num-actors", "1",
            "--ray-address", ray.get_runtime_context().gcs_address]
@@ -221,7 +221,7 @@ def test_bad_samples_and_truncated_tars_are_recorded(data: dict[str, Path], ray_
 
 
 def test_training_loader_reads_the_output(clean: dict[str, Any]) -> None:
-    from training.data import DataConfig, ShardStream
+    from latentpipe.training.data import DataConfig, ShardStream
 
     out = Path(clean["out_dir"])
     stream = ShardStream(DataConfig(shards=str(out), kind="latents", batch_size=4, num_workers=0), 0, 1)
@@ -237,10 +237,10 @@ def test_export_and_registered_model_sources(tmp_path: Path) -> None:
     """--vae takes a latentpipe export folder or models:/name@alias; both load the same weights."""
     import torch
 
-    from pipeline.encode import build_encoder, encoder_id, resolve_source
-    from training.export import save_export
-    from training.families import family_from_config, model_config_dict
-    from training.tracking import Tracker, TrackingConfig
+    from latentpipe.pipeline.encode import build_encoder, encoder_id, resolve_source
+    from latentpipe.training.export import save_export
+    from latentpipe.training.families import family_from_config, model_config_dict
+    from latentpipe.training.tracking import Tracker, TrackingConfig
 
     fam = family_from_config({"kind": "kl_vae", "arch": {"preset": "kl_demo", "block_out_channels": [16, 32, 32],
                                                          "norm_num_groups": 8, "scaling_factor": 0.7}})
@@ -277,8 +277,8 @@ def test_export_and_registered_model_sources(tmp_path: Path) -> None:
 def test_decode_keeps_what_precedes_any_tar_damage(tmp_path: Path) -> None:
     """Cut mid-member, cut at a header boundary (which tarfile alone takes for a complete
     archive), garbage and empty files: every case is flagged and the intact samples are kept."""
-    from pipeline.encode import decode_shard
-    from pipeline.shard_store import OutputDir
+    from latentpipe.pipeline.encode import decode_shard
+    from latentpipe.pipeline.shard_store import OutputDir
     from tests.shards import make_image_shards
 
     folder = make_image_shards(tmp_path, 1, 6)

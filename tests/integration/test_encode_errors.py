@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import one_line
-from preprocessing.encoders import minilm_path
+from latentpipe.pipeline.cli import one_line
+from latentpipe.preprocessing.encoders import minilm_path
 from tests.shards import make_image_shards
 
 pytestmark = pytest.mark.integration
@@ -41,8 +41,8 @@ def test_an_actor_refusing_a_pickle_is_one_line(tmp_path: Path) -> None:
     with open(text / "pytorch_model.bin", "wb") as fh:
         pickle.dump({"weight": _Payload(marker)}, fh)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "pipeline.cli", "encode", "--images", str(images), "--out", str(tmp_path / "out"),
+    env.update(RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "latentpipe.pipeline.cli", "encode", "--images", str(images), "--out", str(tmp_path / "out"),
            "--text-encoder", str(text), "--num-actors", "1"]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 1, r.stderr[-3000:]

@@ -25,9 +25,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from latentpipe.training.checkpoint import latest_complete, list_complete
+from latentpipe.training.export import load_export
 from tests.shards import make_image_shards
-from training.checkpoint import latest_complete, list_complete
-from training.export import load_export
 
 pytestmark = pytest.mark.integration
 
@@ -44,11 +44,11 @@ BASE = [
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     return {**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-            "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false", "PYTHONPATH": str(ROOT)}
+            "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"}
 
 
 def _cmd(workdir: Path, shards: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", "train", str(ROOT / "configs/train_toy.yaml"),
+    return [sys.executable, "-m", "latentpipe.pipeline.cli", "train", str(ROOT / "configs/train_toy.yaml"),
             f"data.shards={shards}", f"workdir={workdir}", *BASE, *extra]
 
 

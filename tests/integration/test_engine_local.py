@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from preprocessing.config import ConfigError, load_config
+from latentpipe.preprocessing.config import ConfigError, load_config
+from latentpipe.training.checkpoint import latest_complete
+from latentpipe.training.config import TrainConfig
+from latentpipe.training.engine import NonFiniteLossError, Trainer
 from tests.shards import make_image_shards
-from training.checkpoint import latest_complete
-from training.config import TrainConfig
-from training.engine import NonFiniteLossError, Trainer
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

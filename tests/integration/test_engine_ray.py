@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from preprocessing.config import load_config
+from latentpipe.preprocessing.config import load_config
+from latentpipe.training.checkpoint import latest_complete
+from latentpipe.training.config import TrainConfig
+from latentpipe.training.export import load_export
+from latentpipe.training.launch import LaunchOptions, launch
 from tests.shards import make_image_shards
-from training.checkpoint import latest_complete
-from training.config import TrainConfig
-from training.export import load_export
-from training.launch import LaunchOptions, launch
 
 pytestmark = pytest.mark.integration
 

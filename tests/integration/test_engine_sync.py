@@ -12,11 +12,11 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from preprocessing.config import load_config
+from latentpipe.preprocessing.config import load_config
+from latentpipe.training.config import TrainConfig
+from latentpipe.training.engine import Trainer
+from latentpipe.training.zero import step_optimizer
 from tests.shards import make_image_shards
-from training.config import TrainConfig
-from training.engine import Trainer
-from training.zero import step_optimizer
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,10 +12,10 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from pipeline.job_tracking import JobRecord, JobTracking, counts, log_job
+from latentpipe.pipeline.job_tracking import JobRecord, JobTracking, counts, log_job
+from latentpipe.training.tracking import default_run_name
+from latentpipe.training.tracking_data import ShardDataset, manifest_digest
 from tests.integration.mlflow_fixtures import free_port, migrated_sqlite
-from training.tracking import default_run_name
-from training.tracking_data import ShardDataset, manifest_digest
 
 pytestmark = pytest.mark.integration
 
@@ -57,7 +57,7 @@ def test_an_unreachable_store_costs_a_warning_not_the_job(tmp_path: Path, caplog
 
 def test_eval_of_an_unregistered_model_is_a_run_in_the_given_experiment(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.commands.eval import log_to_mlflow
+    from latentpipe.pipeline.commands.eval import log_to_mlflow
 
     uri = migrated_sqlite(tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

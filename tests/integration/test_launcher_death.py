@@ -20,9 +20,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from latentpipe.training.launch import _rank_processes
 from tests.integration.process_tree import LOOPBACK, alive, listening, tree
 from tests.shards import make_image_shards
-from training.launch import _rank_processes
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,12 +32,12 @@ SURVIVAL_LIMIT = 30.0  # the promise: no rank survives its launcher by more than
 
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    env.update(PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     return env
 
 
 def _cmd(work: Path, shards: Path, launcher: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", "train", str(ROOT / "configs/train_toy.yaml"),
+    return [sys.executable, "-m", "latentpipe.pipeline.cli", "train", str(ROOT / "configs/train_toy.yaml"),
             f"data.shards={shards}", f"workdir={work}", "steps=100000", "data.batch_size=4",
             "data.num_workers=1", "checkpoint.every_steps=0", "eval_every=0", "sample_every=0", "log_keys=true",
             "tracking.enabled=false", "--launcher", launcher, "--nproc", "2"]

@@ -28,8 +28,8 @@ def test_local_shard_job_listens_on_loopback_only(tmp_path: Path) -> None:
         (tmp_path / "t.jsonl").write_text("\n".join(json.dumps({"url": u, "caption": f"c {i}"})
                                                     for i, u in enumerate(urls)) + "\n")
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        env.update(PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0")
-        cmd = [sys.executable, "-m", "pipeline.cli", "shard", "--source", str(tmp_path / "t.jsonl"),
+        env.update(RAY_USAGE_STATS_ENABLED="0")
+        cmd = [sys.executable, "-m", "latentpipe.pipeline.cli", "shard", "--source", str(tmp_path / "t.jsonl"),
                "--out", str(tmp_path / "out"), "--samples-per-shard", "2", "image.size=32"]
         driver = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:

@@ -34,9 +34,9 @@ def test_training_run_logs_and_registers_in_postgres(postgres: PostgresServer, t
     shards = make_image_shards(tmp_path / "data", 3, 8)
     work, log = tmp_path / "run", tmp_path / "train.log"
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    env.update(PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING="false")
-    cmd = [sys.executable, "-m", "pipeline.cli", "train", str(ROOT / "configs/train_toy.yaml"),
+    cmd = [sys.executable, "-m", "latentpipe.pipeline.cli", "train", str(ROOT / "configs/train_toy.yaml"),
            f"data.shards={shards}", f"workdir={work}", f"steps={STEPS}", "data.batch_size=4", "data.num_workers=0",
            "checkpoint.every_steps=0", "eval_every=4", "sample_every=0", f"tracking.uri={postgres.uri}",
            f"tracking.experiment={EXPERIMENT}", "tracking.run_name=pg-run", f"tracking.register_as={MODEL}"]

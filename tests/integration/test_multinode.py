@@ -38,21 +38,21 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 N, PER_SHARD = 60, 10
-KEYS = [f"{i:09d}" for i in range(N)]  # pipeline.shard.sample_key of each input row
+KEYS = [f"{i:09d}" for i in range(N)]  # latentpipe.pipeline.shard.sample_key of each input row
 WAIT = 180.0  # upper bound on waiting for a cluster event (a wait limit, not a measured threshold)
 TRAIN_STEPS = 30  # x global batch 8 = 4 epochs of N
 
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    return {**env, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+    return {**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
             "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
             "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false", **extra}
 
 
 def _start(args: list[str], log: Path, **env: str) -> subprocess.Popen[bytes]:
     with open(log, "ab") as f:
-        return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=_env(**env),
+        return subprocess.Popen([sys.executable, "-m", "latentpipe.pipeline.cli", *args], cwd=ROOT, env=_env(**env),
                                 stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -184,7 +184,7 @@ def test_train_two_ranks_under_ray_train(ray_multinode: MultiNodeCluster, sharde
                                          tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    from training.checkpoint import latest_complete
+    from latentpipe.training.checkpoint import latest_complete
 
     work, log = tmp_path / "run", tmp_path / "train.log"
     uri = f"sqlite:///{work / 'mlflow.db'}"

@@ -14,17 +14,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from latentpipe.training.export import load_export
+from latentpipe.training.families.diffusion import LatentPriorFamily
+from latentpipe.training.guidance import TextCond
 from tests.shards import make_latent_shards
-from training.export import load_export
-from training.families.diffusion import LatentPriorFamily
-from training.guidance import TextCond
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 
 
 def _train(config: str, workdir: Path, overrides: list[str], resume: bool = False) -> None:
-    cmd = [sys.executable, "-m", "pipeline.cli", "train", "--launcher", "torchrun", "--nproc", "2",
+    cmd = [sys.executable, "-m", "latentpipe.pipeline.cli", "train", "--launcher", "torchrun", "--nproc", "2",
            *(["--resume"] if resume else []), str(ROOT / "configs" / config), *overrides, f"workdir={workdir}"]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"}

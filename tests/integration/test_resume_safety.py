@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from latentpipe.training import safe_load
+from latentpipe.training.checkpoint import MARKER, digests, latest_complete
 from tests.integration import test_engine as te
 from tests.shards import make_image_shards
 from tests.unit.test_train_checkpoint import Exploit
-from training import safe_load
-from training.checkpoint import MARKER, digests, latest_complete
 
 pytestmark = pytest.mark.integration
 _reap = te._reap  # never leave ranks behind
@@ -32,7 +32,7 @@ TWO = ("--launcher", "torchrun", "--nproc", "2")
 
 def _cmd(workdir: Path, shards: Path, *extra: str) -> list[str]:
     flags = [a for a in extra if "=" not in a or a.startswith("-")]  # after every key=value
-    return [sys.executable, "-m", "pipeline.cli", "train", str(ROOT / "configs/train_toy.yaml"),
+    return [sys.executable, "-m", "latentpipe.pipeline.cli", "train", str(ROOT / "configs/train_toy.yaml"),
             f"data.shards={shards}", f"workdir={workdir}", *BASE, *[a for a in extra if a not in flags], *flags]
 
 
@@ -42,7 +42,7 @@ def _run(cmd: list[str], log: Path) -> tuple[int, str]:
 
 
 def _verify(path: Path) -> tuple[int, str]:
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "verify", str(path)], cwd=ROOT, env=te._env(),
+    out = subprocess.run([sys.executable, "-m", "latentpipe.pipeline.cli", "verify", str(path)], cwd=ROOT, env=te._env(),
                          capture_output=True, text=True, timeout=600)
     return out.returncode, out.stdout + out.stderr
 

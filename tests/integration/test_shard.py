@@ -21,14 +21,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.cli import main
-from pipeline.shard import CRASH_HOOK_ENV, ShardConfig, run_shard_job
-from pipeline.shard_store import OutputMismatchError
-from preprocessing.captions import CaptionConfig
-from preprocessing.fetch import FetchConfig
-from preprocessing.images import ImageConfig
-from preprocessing.sources import SourceConfig
-from preprocessing.synthetic import encode_image, iter_scenes, make_scene, write_folder
+from latentpipe.pipeline.cli import main
+from latentpipe.pipeline.shard import CRASH_HOOK_ENV, ShardConfig, run_shard_job
+from latentpipe.pipeline.shard_store import OutputMismatchError
+from latentpipe.preprocessing.captions import CaptionConfig
+from latentpipe.preprocessing.fetch import FetchConfig
+from latentpipe.preprocessing.images import ImageConfig
+from latentpipe.preprocessing.sources import SourceConfig
+from latentpipe.preprocessing.synthetic import encode_image, iter_scenes, make_scene, write_folder
 from tests.integration.http_fixture import ServerState, http_server
 
 pytestmark = pytest.mark.integration
@@ -194,7 +194,7 @@ def test_interrupted_run_is_finished_by_a_rerun(ray_local: None, tmp_path: Path)
         urls = [f"{base}/{'img' if i < 8 else 'gate'}/{n}" for i, n in enumerate(names)]
         (tmp_path / "t.jsonl").write_text("\n".join(json.dumps({"url": u, "caption": f"c {i}"})
                                                     for i, u in enumerate(urls)) + "\n")
-        cmd = [sys.executable, "-m", "pipeline.cli", "shard", "--source", str(tmp_path / "t.jsonl"),
+        cmd = [sys.executable, "-m", "latentpipe.pipeline.cli", "shard", "--source", str(tmp_path / "t.jsonl"),
                "--out", str(tmp_path / "a"), "--samples-per-shard", "4", "--ray-address",
                ray.get_runtime_context().gcs_address, "image.size=32",
                "num_cpus_per_task=0.25"]  # all five shards run at once, whatever order Ray starts them in

@@ -11,14 +11,14 @@ import sys
 import time
 from pathlib import Path
 
+from latentpipe.training.checkpoint import latest_complete
 from tests.shards import make_image_shards
-from training.checkpoint import latest_complete
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cmd(work: Path, shards: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", "train", str(ROOT / "configs/train_toy.yaml"),
+    return [sys.executable, "-m", "latentpipe.pipeline.cli", "train", str(ROOT / "configs/train_toy.yaml"),
             f"data.shards={shards}", f"workdir={work}", "steps=400", "data.batch_size=4", "data.num_workers=2",
             "checkpoint.every_steps=0", "eval_every=0", "sample_every=0", "log_keys=true",
             "tracking.enabled=false", *extra]
@@ -28,7 +28,7 @@ def test_sigterm_to_the_whole_process_group_checkpoints(tmp_path: Path) -> None:
     shards = make_image_shards(tmp_path / "data", 2, 16)
     work, log = tmp_path / "run", tmp_path / "train.log"
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    env.update(PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     with open(log, "wb") as f:
         proc = subprocess.Popen(_cmd(work, shards), cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
                                 start_new_session=True)

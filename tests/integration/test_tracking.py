@@ -26,11 +26,10 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
-import training.families.toy  # noqa: F401  (registers "toy" without importing every family)
-from tests.integration.mlflow_fixtures import MlflowServer, free_port, kill_when, migrated_sqlite
-from training.export import save_export
-from training.families import family_from_config
-from training.tracking import (
+import latentpipe.training.families.toy  # noqa: F401  (registers "toy" without importing every family)
+from latentpipe.training.export import save_export
+from latentpipe.training.families import family_from_config
+from latentpipe.training.tracking import (
     RUN_FILE,
     Tracker,
     TrackingConfig,
@@ -40,8 +39,9 @@ from training.tracking import (
     replay_spool,
     resolve_uri,
 )
-from training.tracking import main as tracking_main
-from training.tracking_spool import RUN_KEY_TAG, SPOOL_DIR
+from latentpipe.training.tracking import main as tracking_main
+from latentpipe.training.tracking_spool import RUN_KEY_TAG, SPOOL_DIR
+from tests.integration.mlflow_fixtures import MlflowServer, free_port, kill_when, migrated_sqlite
 
 pytestmark = pytest.mark.integration
 
@@ -236,7 +236,7 @@ def test_resume_continues_the_same_run(tmp_path: Path) -> None:
 
 def test_spool_rotates_once_sent_without_losing_or_doubling(tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("training.tracking_sender.ROTATE_BYTES", 1500)  # a few dozen events per spool file
+    monkeypatch.setattr("latentpipe.training.tracking_sender.ROTATE_BYTES", 1500)  # a few dozen events per spool file
     cfg = TrackingConfig(uri=migrated_sqlite(tmp_path / "store.db"), system_metrics=False)
     tracker = Tracker(cfg, tmp_path, active=True)
     spool = tracker.spool_path
@@ -258,7 +258,7 @@ def test_spool_from_an_unreachable_server_replays_once_into_another_store(
     down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     work = tmp_path / "work"
     cfg = TrackingConfig(uri=down, system_metrics=False, experiment="offline")
-    with caplog.at_level(logging.WARNING, logger="training.tracking"):
+    with caplog.at_level(logging.WARNING, logger="latentpipe.training.tracking"):
         tracker = Tracker(cfg, work, active=True)
         before = int(time.time() * 1000)
         assert exercise(tracker, export, steps=25, name="toy-offline") is None  # unreachable: None
@@ -267,12 +267,12 @@ def test_spool_from_an_unreachable_server_replays_once_into_another_store(
     assert tracker.run_id is None
     spool = work / SPOOL_DIR / f"{tracker.run_key}.jsonl"
     assert spool.is_file() and spool.stat().st_size > 0
-    assert any("python -m training.tracking replay" in r.getMessage() for r in caplog.records)
+    assert any("python -m latentpipe.training.tracking replay" in r.getMessage() for r in caplog.records)
 
     copy = tmp_path / "spool-copy"
     shutil.copytree(work / SPOOL_DIR, copy)
     store = migrated_sqlite(tmp_path / "other.db")
-    assert tracking_main(["replay", str(spool), "--uri", store]) == 0  # python -m training.tracking replay
+    assert tracking_main(["replay", str(spool), "--uri", store]) == 0  # python -m latentpipe.training.tracking replay
     sent = int(capsys.readouterr().out.split()[1])  # "replayed N events"
     assert sent > 25 and not spool.exists()
     # A crash between send and commit means the same events are sent again: nothing doubles.
@@ -290,7 +290,7 @@ def test_spool_from_an_unreachable_server_replays_once_into_another_store(
 CRASHING_JOB = """
 import os, signal, sys, time
 from pathlib import Path
-from training.tracking import Tracker, TrackingConfig
+from latentpipe.training.tracking import Tracker, TrackingConfig
 work, uri = Path(sys.argv[1]), sys.argv[2]
 tracker = Tracker(TrackingConfig(uri=uri, system_metrics=False, experiment="crashed"), work, active=True)
 for s in range(50):

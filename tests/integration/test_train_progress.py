@@ -21,10 +21,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_progress_lines_and_summary_when_not_a_terminal(tmp_path: Path) -> None:
     shards = make_image_shards(tmp_path / "data", 1, 16)
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
            "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false", "LATENTPIPE_PEAK_FLOPS": "1e12"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", str(ROOT / "configs/train_toy.yaml"),
+    r = subprocess.run([sys.executable, "-m", "latentpipe.pipeline.cli", "train", str(ROOT / "configs/train_toy.yaml"),
                         "--launcher", "local", f"data.shards={shards}", f"workdir={tmp_path / 'run'}",
                         "data.batch_size=4", "data.num_workers=0", "steps=6", "log_every=2", "eval_every=3",
                         "sample_every=0", "progress_interval=0", "tracking.system_metrics=false"],

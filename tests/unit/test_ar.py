@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import torch
 
-from preprocessing.config import ConfigError, load_config, read_yaml
-from training.ar_sampling import (
+from latentpipe.preprocessing.config import ConfigError, load_config, read_yaml
+from latentpipe.training.ar_sampling import (
     ARSampleConfig,
     decode_tokens,
     filter_logits,
@@ -24,11 +24,11 @@ from training.ar_sampling import (
     sample_tokens,
     vqmodel_decoder,
 )
-from training.export import load_export, save_export
-from training.families import family_from_config, model_config_dict
-from training.families.ar import ARFamily, ARFamilyConfig, fit_text
-from training.models.ar import PRESETS, ARConfig, ARPrior, build_ar
-from training.objectives.autoregressive import AutoregressiveObjective, keyed_uniform
+from latentpipe.training.export import load_export, save_export
+from latentpipe.training.families import family_from_config, model_config_dict
+from latentpipe.training.families.ar import ARFamily, ARFamilyConfig, fit_text
+from latentpipe.training.models.ar import PRESETS, ARConfig, ARPrior, build_ar
+from latentpipe.training.objectives.autoregressive import AutoregressiveObjective, keyed_uniform
 
 ROOT = Path(__file__).resolve().parents[2]
 K, GRID, L, D = 8, (2, 2), 3, 8

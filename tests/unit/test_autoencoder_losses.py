@@ -11,8 +11,8 @@ from diffusers.models.autoencoders.vae import VectorQuantizer
 from safetensors.torch import save_file
 from torch import nn
 
-from training.models.discriminator import DiscriminatorConfig, PatchDiscriminator
-from training.objectives.autoencoder import (
+from latentpipe.training.models.discriminator import DiscriminatorConfig, PatchDiscriminator
+from latentpipe.training.objectives.autoencoder import (
     LPIPS,
     AutoencoderLossConfig,
     adaptive_weight,

@@ -9,10 +9,10 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, VQModel
 
-from preprocessing.config import from_dict
-from training.families import get_family
-from training.families.autoencoder import KLVAEConfig, VQGANConfig, recon_grid
-from training.models.autoencoders import (
+from latentpipe.preprocessing.config import from_dict
+from latentpipe.training.families import get_family
+from latentpipe.training.families.autoencoder import KLVAEConfig, VQGANConfig, recon_grid
+from latentpipe.training.models.autoencoders import (
     PRESETS,
     AutoencoderArchConfig,
     build_autoencoder,

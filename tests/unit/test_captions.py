@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from preprocessing.captions import EMPTY, MISSING, NOT_UTF8, CaptionConfig, CaptionError, normalize_caption
+from latentpipe.preprocessing.captions import (
+    EMPTY,
+    MISSING,
+    NOT_UTF8,
+    CaptionConfig,
+    CaptionError,
+    normalize_caption,
+)
 
 
 def test_nfc_whitespace_and_controls() -> None:

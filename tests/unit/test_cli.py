@@ -92,7 +92,7 @@ def test_overrides_after_flags_in_any_order(tmp_path: Path) -> None:
 
 def test_every_subcommand_parses_intermixed() -> None:
     """Every subcommand with ``key=value`` positionals takes them after a flag (in-process parser)."""
-    from pipeline.cli import build_parser, parse_args
+    from latentpipe.pipeline.cli import build_parser, parse_args
 
     parser = build_parser()
     with_items = [name for name, sub in parser._defaults["_subcommands"].items()

@@ -6,7 +6,14 @@ from typing import Literal
 
 import pytest
 
-from preprocessing.config import ConfigError, config_hash, from_dict, load_config, parse_override, to_dict
+from latentpipe.preprocessing.config import (
+    ConfigError,
+    config_hash,
+    from_dict,
+    load_config,
+    parse_override,
+    to_dict,
+)
 
 
 @dataclass

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from preprocessing.config import ConfigError
+from latentpipe.preprocessing.config import ConfigError
+from latentpipe.training.data import DataChangedError, DataConfig, ShardStream
 from tests.shards import make_image_shards, make_latent_shards, npy, truncate, write_tar
-from training.data import DataChangedError, DataConfig, ShardStream
 
 
 @pytest.fixture(autouse=True)
@@ -296,7 +296,7 @@ def test_glob_and_brace_patterns_and_errors(images: Path, tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match="data.shards"):
         ShardStream(DataConfig(shards=str(tmp_path / "nothing")), 0, 1)
     with pytest.raises(ConfigError, match="batch_size must be >= 1"):
-        from preprocessing.config import from_dict
+        from latentpipe.preprocessing.config import from_dict
 
         from_dict(DataConfig, {"batch_size": 0}, prefix="data.")
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from preprocessing.config import load_config
-from training.config import TrainConfig
-from training.families import family_from_config
-from training.zero import build_engines, build_modules, ds_config, setup_distributed
+from latentpipe.preprocessing.config import load_config
+from latentpipe.training.config import TrainConfig
+from latentpipe.training.families import family_from_config
+from latentpipe.training.zero import build_engines, build_modules, ds_config, setup_distributed
 
 ROOT = Path(__file__).resolve().parents[2]
 FILES = sorted((ROOT / "infra" / "deepspeed").glob("*.json"))
@@ -86,8 +86,8 @@ def test_a_child_of_a_one_rank_process_trains_alone(tmp_path: Path) -> None:
 
     setup_distributed("gloo")
     assert os.environ["WORLD_SIZE"] == "1" and "MASTER_ADDR" not in os.environ
-    code = ("from training.zero import setup_distributed; d = setup_distributed('gloo'); "
+    code = ("from latentpipe.training.zero import setup_distributed; d = setup_distributed('gloo'); "
             "print(d.rank, d.world_size)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+                         env={**os.environ})
     assert out.returncode == 0 and out.stdout.split()[-2:] == ["0", "1"], out.stderr[-2000:]

@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from training.config import TrainConfig
-from training.ema import ShardedEMA
-from training.families import family_from_config
-from training.zero import build_engines, build_modules, setup_distributed
+from latentpipe.training.config import TrainConfig
+from latentpipe.training.ema import ShardedEMA
+from latentpipe.training.families import family_from_config
+from latentpipe.training.zero import build_engines, build_modules, setup_distributed
 
 
 def _full_weights(engine: object) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from preprocessing.encoders import (
+from latentpipe.preprocessing.encoders import (
     MICRO_BATCH,
     Encoder,
     KLVAEEncoder,

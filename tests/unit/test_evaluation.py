@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.evaluation import (
+from latentpipe.training.evaluation import (
     ScorerConfig,
     features,
     frechet_distance,

@@ -10,10 +10,17 @@ import pytest
 import torch
 from torch import nn
 
-from preprocessing.config import ConfigError, load_config
-from training.config import TrainConfig
-from training.export import load_export, read_export_meta, save_export
-from training.families import FAMILIES, Family, family_from_config, get_family, model_config_dict, register
+from latentpipe.preprocessing.config import ConfigError, load_config
+from latentpipe.training.config import TrainConfig
+from latentpipe.training.export import load_export, read_export_meta, save_export
+from latentpipe.training.families import (
+    FAMILIES,
+    Family,
+    family_from_config,
+    get_family,
+    model_config_dict,
+    register,
+)
 
 
 def test_registry_and_config_errors() -> None:
@@ -108,7 +115,7 @@ def test_toy_gan_keeps_critic_grads_out_of_generator_loss() -> None:
 
 
 def test_train_command_rejects_bad_config_before_launching(capsys: pytest.CaptureFixture[str]) -> None:
-    from pipeline.cli import main
+    from latentpipe.pipeline.cli import main
 
     toy = str(Path(__file__).parents[2] / "configs/train_toy.yaml")
     assert main(["train", toy]) == 2
@@ -137,7 +144,7 @@ def test_latent_priors_take_their_factors_from_the_manifest(tmp_path: Path,
                                           r"shift_factor 0.1: drop the override"):
         family_from_config({"kind": "ddpm", "shift_factor": 0.2}).bind_data({"shift_factor": 0.1})
     # The train command refuses it before launching anything (fixture manifest: 0.18215).
-    from pipeline.cli import main
+    from latentpipe.pipeline.cli import main
     from tests.shards import make_latent_shards
 
     shards = make_latent_shards(tmp_path, 1, 4)

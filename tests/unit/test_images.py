@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from preprocessing import images as im
-from preprocessing.images import ImageConfig, ImageError, process_image
-from preprocessing.synthetic import make_scene
+from latentpipe.preprocessing import images as im
+from latentpipe.preprocessing.images import ImageConfig, ImageError, process_image
+from latentpipe.preprocessing.synthetic import make_scene
 
 
 def _bytes(img: Image.Image, fmt: str, **kw: object) -> bytes:

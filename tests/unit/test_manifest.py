@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.manifest import summary_table, totals, write_index
-from pipeline.shard_store import (
+from latentpipe.pipeline.manifest import summary_table, totals, write_index
+from latentpipe.pipeline.shard_store import (
     PLAN,
     OutputDir,
     OutputMismatchError,

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from training.guidance import TextCond
-from training.models import BackboneSpec, Denoiser, build_denoiser, presets
+from latentpipe.training.guidance import TextCond
+from latentpipe.training.models import BackboneSpec, Denoiser, build_denoiser, presets
 
 SPEC = BackboneSpec(in_channels=4, sample_size=8, text_dim=32)
 DEMOS = ["unet_demo", "dit_demo"]
@@ -134,7 +134,7 @@ def _batch(b: int, mean: float = 0.0, logvar: float = 0.0, text_dim: int = 32) -
 
 @pytest.mark.parametrize("kind", ["ddpm", "flow"])
 def test_family_draws_scaled_posterior_samples_and_drops_captions(kind: str) -> None:
-    from training.families import family_from_config
+    from latentpipe.training.families import family_from_config
 
     fam = family_from_config({"kind": kind, "text_dim": 32, "scaling_factor": 0.5, "shift_factor": 0.2,
                               "cond_drop": 0.3})
@@ -151,7 +151,7 @@ def test_family_draws_scaled_posterior_samples_and_drops_captions(kind: str) -> 
 
 @pytest.mark.parametrize(("kind", "backbone"), [("ddpm", "unet_demo"), ("flow", "dit_demo"), ("flow", "unet_demo")])
 def test_family_loss_eval_and_grid(kind: str, backbone: str) -> None:
-    from training.families import family_from_config
+    from latentpipe.training.families import family_from_config
 
     fam = family_from_config({"kind": kind, "backbone": backbone, "text_dim": 32, "grid_samples": 3,
                               "sample": {"steps": 3, "guidance": 2.0}})
@@ -171,7 +171,7 @@ def test_family_loss_eval_and_grid(kind: str, backbone: str) -> None:
 def test_family_grid_decodes_with_a_configured_vae(tmp_path: Path) -> None:
     from diffusers import AutoencoderKL
 
-    from training.families import family_from_config
+    from latentpipe.training.families import family_from_config
 
     AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                   block_out_channels=(8, 16, 16), latent_channels=4, norm_num_groups=8,
@@ -187,7 +187,7 @@ def test_family_grid_decodes_with_a_configured_vae(tmp_path: Path) -> None:
 
 def test_training_draws_are_a_function_of_step_and_micro_batch() -> None:
     """A resumed run redraws what the uninterrupted run drew (no dependence on the global RNG)."""
-    from training.families import family_from_config
+    from latentpipe.training.families import family_from_config
 
     cfg = {"kind": "flow", "text_dim": 32, "cond_drop": 0.5}
     a, b = family_from_config(cfg), family_from_config(cfg)

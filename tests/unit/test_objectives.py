@@ -13,11 +13,11 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from training.guidance import TextCond
-from training.objectives import LatentBatch
-from training.objectives.ddpm import DDPMConfig, DDPMObjective, NoiseSchedule, make_betas
-from training.objectives.flow import FlowConfig, FlowObjective, TimeShift, path_sample, shift_time
-from training.samplers import DDIMSampler, EulerSampler
+from latentpipe.training.guidance import TextCond
+from latentpipe.training.objectives import LatentBatch
+from latentpipe.training.objectives.ddpm import DDPMConfig, DDPMObjective, NoiseSchedule, make_betas
+from latentpipe.training.objectives.flow import FlowConfig, FlowObjective, TimeShift, path_sample, shift_time
+from latentpipe.training.samplers import DDIMSampler, EulerSampler
 
 
 @pytest.fixture(autouse=True)

@@ -15,10 +15,10 @@ import pytest
 import torch
 from torch import nn
 
-from training.models import BackboneSpec, presets
-from training.models.ar import ar_demo, build_ar
-from training.models.autoencoders import PRESETS as AE_PRESETS
-from training.models.autoencoders import AutoencoderArchConfig, build_autoencoder
+from latentpipe.training.models import BackboneSpec, presets
+from latentpipe.training.models.ar import ar_demo, build_ar
+from latentpipe.training.models.autoencoders import PRESETS as AE_PRESETS
+from latentpipe.training.models.autoencoders import AutoencoderArchConfig, build_autoencoder
 
 FROZEN = {  # name: fingerprint (see _fingerprint); a new architecture gets a new name instead
     "unet_demo": "8329de3e88b98f38", "unet_base": "2391f633ecb9e006", "unet_sd": "bcd8090fc8e974c9",

@@ -12,12 +12,11 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from tests.unit.test_objectives import GaussianDenoiser, GaussianVelocity
-from training.guidance import TextCond
-from training.objectives import Model
-from training.objectives.ddpm import DDPMConfig, NoiseSchedule
-from training.objectives.flow import TimeShift, shift_time
-from training.samplers import (
+from latentpipe.training.guidance import TextCond
+from latentpipe.training.objectives import Model
+from latentpipe.training.objectives.ddpm import DDPMConfig, NoiseSchedule
+from latentpipe.training.objectives.flow import TimeShift, shift_time
+from latentpipe.training.samplers import (
     DDIMSampler,
     DDPMSampler,
     EulerSampler,
@@ -26,6 +25,7 @@ from training.samplers import (
     ddpm_timesteps,
     flow_timesteps,
 )
+from tests.unit.test_objectives import GaussianDenoiser, GaussianVelocity
 
 SIGMA, MU, MU_NULL = 0.5, 1.5, -0.5
 

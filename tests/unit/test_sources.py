@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from preprocessing import sources as src
-from preprocessing import tar_format
-from preprocessing.fetch import FetchConfig, Fetcher, is_transient, retry_after_seconds
-from preprocessing.sources import RawSample, Source, SourceConfig, SourceError, open_source
-from preprocessing.synthetic import encode_image, make_scene
+from latentpipe.preprocessing import sources as src
+from latentpipe.preprocessing import tar_format
+from latentpipe.preprocessing.fetch import FetchConfig, Fetcher, is_transient, retry_after_seconds
+from latentpipe.preprocessing.sources import RawSample, Source, SourceConfig, SourceError, open_source
+from latentpipe.preprocessing.synthetic import encode_image, make_scene
 from tests.integration.http_fixture import http_server
 
 

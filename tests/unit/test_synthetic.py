@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from preprocessing.synthetic import (
+from latentpipe.preprocessing.synthetic import (
     BACKGROUNDS,
     COLOURS,
     COUNT_WORDS,

@@ -7,7 +7,7 @@ import tarfile
 
 from webdataset.tariterators import base_plus_ext
 
-from preprocessing import tar_format as tf
+from latentpipe.preprocessing import tar_format as tf
 
 
 def _tar(samples: list[dict[str, object]]) -> bytes:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from training.throughput import PEAK_FLOPS_ENV, flops_per_sample, mfu, peak_flops, peak_for_name
+from latentpipe.training.throughput import PEAK_FLOPS_ENV, flops_per_sample, mfu, peak_flops, peak_for_name
 
 
 def test_linear_forward_backward_flops_match_closed_form() -> None:

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from training import safe_load
-from training.checkpoint import (
+from latentpipe.training import safe_load
+from latentpipe.training.checkpoint import (
     MARKER,
     STATE,
     CheckpointError,
@@ -31,7 +31,7 @@ from training.checkpoint import (
     step_dir,
     verify,
 )
-from training.safe_load import CheckpointFileError, UnsafeCheckpointError, weights_only_loads
+from latentpipe.training.safe_load import CheckpointFileError, UnsafeCheckpointError, weights_only_loads
 
 
 def _save(root: Path, step: int, keep: int = 10) -> Path:

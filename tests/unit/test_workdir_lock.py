@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from training import workdir_lock
-from training.workdir_lock import LOCK_NAME, STALE_AFTER_S, WorkdirInUseError, WorkdirLock
+from latentpipe.training import workdir_lock
+from latentpipe.training.workdir_lock import LOCK_NAME, STALE_AFTER_S, WorkdirInUseError, WorkdirLock
 
 ROOT = Path(__file__).resolve().parents[2]
-HOLD = "import sys; from training.workdir_lock import WorkdirLock; WorkdirLock(sys.argv[1]).acquire(); print('held', flush=True); sys.stdin.read()"
+HOLD = "import sys; from latentpipe.training.workdir_lock import WorkdirLock; WorkdirLock(sys.argv[1]).acquire(); print('held', flush=True); sys.stdin.read()"
 
 
 def _record(work: Path) -> dict[str, object]:
@@ -27,7 +27,7 @@ def _record(work: Path) -> dict[str, object]:
 
 def test_live_holder_refuses_then_its_death_frees_the_workdir(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], cwd=ROOT, stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                              stdout=subprocess.PIPE, env={**os.environ})
     try:
         assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
         with pytest.raises(WorkdirInUseError, match=rf"in use by PID {holder.pid} on {socket.gethostname()} since 20"):

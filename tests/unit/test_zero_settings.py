@@ -1,4 +1,4 @@
-"""DeepSpeed settings per world size and precision (training.zero): the ZeRO stage the trainer runs,
+"""DeepSpeed settings per world size and precision (latentpipe.training.zero): the ZeRO stage the trainer runs,
 the trainer-side clip, the fused AdamW it hands DeepSpeed, and DeepSpeed's timers."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from preprocessing.config import ConfigError, load_config
-from training.config import TrainConfig
-from training.zero import client_optimizer, ds_config, effective_stage, param_groups, trainer_clips
+from latentpipe.preprocessing.config import ConfigError, load_config
+from latentpipe.training.config import TrainConfig
+from latentpipe.training.zero import client_optimizer, ds_config, effective_stage, param_groups, trainer_clips
 
 
 def _cfg(*overrides: str) -> TrainConfig:

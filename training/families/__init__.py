@@ -10,18 +10,18 @@ import importlib
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-from preprocessing.config import ConfigError, from_dict, to_dict
-from training.families.base import PRIMARY, Family
+from latentpipe.preprocessing.config import ConfigError, from_dict, to_dict
+from latentpipe.training.families.base import PRIMARY, Family
 
 FAMILIES: dict[str, type[Family]] = {}
 
 # Modules imported on first lookup.
 BUILTIN_MODULES = (
-    "training.families.toy",
-    "training.families.autoencoder",
-    "training.families.diffusion",
-    "training.families.flow",
-    "training.families.ar",
+    "latentpipe.training.families.toy",
+    "latentpipe.training.families.autoencoder",
+    "latentpipe.training.families.diffusion",
+    "latentpipe.training.families.flow",
+    "latentpipe.training.families.ar",
 )
 
 F = TypeVar("F", bound=type[Family])

@@ -17,11 +17,17 @@ import torch
 from PIL import Image
 from torch import nn
 
-from training.ar_sampling import ARSampleConfig, TokenDecoder, decode_tokens, sample_tokens, vqmodel_decoder
-from training.families import register
-from training.families.base import Family
-from training.models.ar import ARConfig, ARPrior, ar_demo, build_ar
-from training.objectives.autoregressive import AutoregressiveObjective
+from latentpipe.training.ar_sampling import (
+    ARSampleConfig,
+    TokenDecoder,
+    decode_tokens,
+    sample_tokens,
+    vqmodel_decoder,
+)
+from latentpipe.training.families import register
+from latentpipe.training.families.base import Family
+from latentpipe.training.models.ar import ARConfig, ARPrior, ar_demo, build_ar
+from latentpipe.training.objectives.autoregressive import AutoregressiveObjective
 
 
 @dataclass
@@ -53,10 +59,10 @@ def _unwrap(module: nn.Module) -> ARPrior:
 def load_vqgan(path: str) -> Any:
     """A VQGAN for decoding: an export folder (``export.json``) or a local diffusers ``VQModel`` folder."""
     if (Path(path) / "export.json").is_file():
-        from training.export import load_export
+        from latentpipe.training.export import load_export
 
         return load_export(path)[1]
-    from training.models.autoencoders import load_pretrained
+    from latentpipe.training.models.autoencoders import load_pretrained
 
     return load_pretrained(path, "vq")
 

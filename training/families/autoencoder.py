@@ -28,9 +28,9 @@ import torch.distributed as dist
 from PIL import Image
 from torch import nn
 
-from training.families import register
-from training.families.base import Family
-from training.models.autoencoders import (
+from latentpipe.training.families import register
+from latentpipe.training.families.base import Family
+from latentpipe.training.models.autoencoders import (
     Autoencoder,
     AutoencoderArchConfig,
     Kind,
@@ -38,8 +38,8 @@ from training.models.autoencoders import (
     vq_decode_latents,
     vq_indices,
 )
-from training.models.discriminator import DiscriminatorConfig, PatchDiscriminator
-from training.objectives.autoencoder import (
+from latentpipe.training.models.discriminator import DiscriminatorConfig, PatchDiscriminator
+from latentpipe.training.objectives.autoencoder import (
     LPIPS,
     AutoencoderLossConfig,
     code_histogram,

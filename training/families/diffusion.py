@@ -31,14 +31,14 @@ import torch.distributed as dist
 from PIL import Image
 from torch import nn
 
-from preprocessing.config import ConfigError
-from training.families import register
-from training.families.base import Family
-from training.guidance import TextCond
-from training.models import BackboneSpec, Denoiser, NullText, build_denoiser
-from training.objectives import ContinuousObjective, LatentBatch
-from training.objectives.ddpm import DDPMConfig, DDPMObjective
-from training.samplers import Sampler, diffusion_sampler
+from latentpipe.preprocessing.config import ConfigError
+from latentpipe.training.families import register
+from latentpipe.training.families.base import Family
+from latentpipe.training.guidance import TextCond
+from latentpipe.training.models import BackboneSpec, Denoiser, NullText, build_denoiser
+from latentpipe.training.objectives import ContinuousObjective, LatentBatch
+from latentpipe.training.objectives.ddpm import DDPMConfig, DDPMObjective
+from latentpipe.training.samplers import Sampler, diffusion_sampler
 
 
 @dataclass
@@ -117,11 +117,11 @@ def to_image(rows: list[torch.Tensor]) -> Image.Image:
 def load_vae(path: str) -> nn.Module:
     """A KL-VAE for decoding: an export folder (``export.json``) or a diffusers ``AutoencoderKL`` folder."""
     if (Path(path) / "export.json").is_file():
-        from training.export import load_export
+        from latentpipe.training.export import load_export
 
         _, vae = load_export(path)
         return vae
-    from training.models.autoencoders import load_pretrained
+    from latentpipe.training.models.autoencoders import load_pretrained
 
     return load_pretrained(path, "kl")
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from training.families import register
-from training.families.diffusion import LatentPriorConfig, LatentPriorFamily
-from training.objectives.flow import FlowConfig, FlowObjective
-from training.samplers import Sampler, flow_sampler
+from latentpipe.training.families import register
+from latentpipe.training.families.diffusion import LatentPriorConfig, LatentPriorFamily
+from latentpipe.training.objectives.flow import FlowConfig, FlowObjective
+from latentpipe.training.samplers import Sampler, flow_sampler
 
 
 @dataclass

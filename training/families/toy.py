@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from training.families import register
-from training.families.base import Family
+from latentpipe.training.families import register
+from latentpipe.training.families.base import Family
 
 
 @dataclass

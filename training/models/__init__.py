@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from training.guidance import TextCond
+from latentpipe.training.guidance import TextCond
 
 NullText = Literal["learned", "zero"]
 
@@ -87,14 +87,14 @@ Preset = Callable[[BackboneSpec], nn.Module]
 
 def presets() -> dict[str, Preset]:
     """All backbone presets by name (``unet_*``, ``dit_*``)."""
-    from training.models import dit, unet
+    from latentpipe.training.models import dit, unet
 
     return {**unet.PRESETS, **dit.PRESETS}
 
 
 def build_denoiser(preset: str, spec: BackboneSpec, time_scale: float, null_text: NullText) -> Denoiser:
     """A fresh ``Denoiser`` around preset ``preset`` (a ValueError lists the names)."""
-    from training.models import dit, unet
+    from latentpipe.training.models import dit, unet
 
     if preset in unet.PRESETS:
         return unet.UNetDenoiser(unet.PRESETS[preset](spec), spec.text_dim, time_scale, null_text)

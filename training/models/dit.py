@@ -13,7 +13,7 @@ import torch
 from diffusers.models.transformers.pixart_transformer_2d import PixArtTransformer2DModel
 from torch import nn
 
-from training.models import BackboneSpec, Denoiser, Preset
+from latentpipe.training.models import BackboneSpec, Denoiser, Preset
 
 
 class DiTDenoiser(Denoiser):

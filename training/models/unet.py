@@ -12,7 +12,7 @@ import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from torch import nn
 
-from training.models import BackboneSpec, Denoiser, Preset
+from latentpipe.training.models import BackboneSpec, Denoiser, Preset
 
 
 class UNetDenoiser(Denoiser):

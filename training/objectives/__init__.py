@@ -6,7 +6,7 @@ not import any objective, so modules stay independent.
 
 A *model* is any callable ``model(x_t, t, cond) -> Tensor`` with ``x_t`` [B, C, h, w],
 ``t`` [B] float (the objective's own time convention) and an opaque ``cond`` that the
-objective passes through untouched (see ``training.guidance.TextCond``).
+objective passes through untouched (see ``latentpipe.training.guidance.TextCond``).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from typing import Literal
 
 import torch
 
-from training.objectives import LatentBatch, Model, per_sample_mse
+from latentpipe.training.objectives import LatentBatch, Model, per_sample_mse
 
 Schedule = Literal["linear", "cosine", "scaled_linear"]
 Prediction = Literal["eps", "v", "x0"]

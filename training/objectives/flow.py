@@ -27,7 +27,7 @@ from typing import Literal
 
 import torch
 
-from training.objectives import LatentBatch, Model, per_sample_mse
+from latentpipe.training.objectives import LatentBatch, Model, per_sample_mse
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""The shipped YAML configs (``*.yaml`` here), installed as package data of ``latentpipe.configs``."""
