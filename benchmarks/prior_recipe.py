@@ -18,29 +18,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from latentpipe.preprocessing.encoders import TextEncoder  # noqa: E402
-from latentpipe.preprocessing.synthetic import make_scene  # noqa: E402
-from latentpipe.training.data import DataConfig, ShardStream  # noqa: E402
-from latentpipe.training.evaluation import (  # noqa: E402
+from latentpipe.preprocessing.encoders import TextEncoder
+from latentpipe.preprocessing.synthetic import make_scene
+from latentpipe.training.data import DataConfig, ShardStream
+from latentpipe.training.evaluation import (
     EVAL_SEED,
     load_scorer,
     scene_batch,
     score_by_object_count,
     score_images,
 )
-from latentpipe.training.families import get_family  # noqa: E402
-from latentpipe.training.generate import labelled_grid, to_pil  # noqa: E402
-from latentpipe.training.guidance import TextCond  # noqa: E402
+from latentpipe.training.families import get_family
+from latentpipe.training.generate import labelled_grid, to_pil
+from latentpipe.training.guidance import TextCond
 
 
 def load_latents(root: Path, max_len: int) -> dict[str, torch.Tensor]:
@@ -142,8 +138,8 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
                 with a.out.open("a") as f:
                     f.write(json.dumps(row) + "\n")
-                shown = min(32, a.n)  # 8 prompts x 4 columns
-                labelled_grid(to_pil(images[:shown]), prompts[:shown:4], per_row=4, scale=2).save(
+                shown = min(12, a.n)  # one sample per prompt, one prompt per row
+                labelled_grid(to_pil(images[:shown]), prompts[:shown], per_row=1, scale=2, label_width=420).save(
                     a.out.with_name(f"{a.out.stem}-{tag}-{step}-{weights}-cfg{w:g}.png"))
         with torch.no_grad():
             for p, v in zip(model.parameters(), raw):

@@ -37,10 +37,7 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from latentpipe.training.evaluation import (  # noqa: E402
+from latentpipe.training.evaluation import (
     EVAL_SEED,
     evaluate_prior,
     features,
@@ -49,8 +46,9 @@ from latentpipe.training.evaluation import (  # noqa: E402
     scene_batch,
     score_images,
 )
-from latentpipe.training.generate import Prior, SampleOptions  # noqa: E402
+from latentpipe.training.generate import Prior, SampleOptions
 
+ROOT = Path(__file__).resolve().parents[1]
 SETTINGS: dict[str, list[tuple[str, SampleOptions]]] = {
     "ddpm": [("ddpm-1000", SampleOptions(sampler="ddpm", steps=1000)),
              ("ddim-50", SampleOptions(sampler="ddim", steps=50)),
@@ -196,7 +194,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not (args.workdir / "demo_summary.json").is_file():  # train: the demo's real stages at this scale
         subprocess.run([sys.executable, "-m", "latentpipe.pipeline.cli", "demo", "--scale", args.scale, "--workdir",
-                        str(args.workdir)], check=True, cwd=ROOT, env={**os.environ})
+                        str(args.workdir)], check=True, cwd=ROOT)
     out = args.out or args.workdir / "quality"
     out.mkdir(parents=True, exist_ok=True)
     summary = args.workdir / "demo_summary.json"
