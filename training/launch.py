@@ -79,16 +79,20 @@ def loopback_store() -> Iterator[int]:
     import torch.distributed as dist
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(256)
-    port = sock.getsockname()[1]
-    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, multi_tenant=True,
-                          master_listen_fd=sock.fileno())
+    try:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(256)
+        port = sock.getsockname()[1]
+        store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, multi_tenant=True,
+                              master_listen_fd=sock.fileno())
+    except BaseException:
+        sock.close()
+        raise
+    sock.detach()  # the store owns the listening socket now and closes it itself
     try:
         yield port
     finally:
         del store
-        sock.close()
 
 
 def _worker_cmd(config_path: Path) -> list[str]:
