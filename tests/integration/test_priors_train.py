@@ -42,7 +42,7 @@ def test_two_rank_training_resumes_to_the_same_weights(tmp_path: Path, config: s
         f"model.backbone={backbone}", "model.text_dim=16", "model.scaling_factor=0.18215",
         "model.grid_samples=2", "model.sample.steps=2", "model.cond_drop=0.25",
         "steps=4", "checkpoint.every_steps=2", "checkpoint.keep_last=3", "eval_every=2", "sample_every=4",
-        "ema.start_step=0", "ema.decay=0.5", "optim.warmup_steps=0", "tracking.enabled=false",
+        "ema.enabled=true", "ema.start_step=0", "ema.decay=0.5", "optim.warmup_steps=0", "tracking.enabled=false",
     ]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     _train(config, full, overrides)  # 4 steps, checkpoints at 2 and 4, export at 4
