@@ -173,13 +173,20 @@ def _rank_processes(pid: int) -> list[Any]:
     return ranks
 
 
+INHERITED_RANK_VARS = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                       "ROLE_WORLD_SIZE")
+
+
 def _run_forwarding_sigterm(cmd: list[str], env: dict[str, str]) -> int:
     """Run a launcher; a SIGTERM to us goes straight to the rank processes (they checkpoint and
     exit 0, so the launcher exits 0 too), not to the launcher (torchrun would kill them after
     its grace period and exit non-zero) nor to data-loader workers (the rank would crash)."""
     import psutil
 
-    proc = subprocess.Popen(cmd, env={**os.environ, **env}, preexec_fn=die_with_parent)  # noqa: PLW1509
+    # A launcher starts fresh ranks: rank identities inherited from an enclosing job (or left in
+    # this process by an in-process run) must not reach it, or its agent would look like a rank.
+    base = {k: v for k, v in os.environ.items() if k not in INHERITED_RANK_VARS}
+    proc = subprocess.Popen(cmd, env={**base, **env}, preexec_fn=die_with_parent)  # noqa: PLW1509
 
     def forward(signum: int, frame: Any) -> None:
         targets = _rank_processes(proc.pid)

@@ -33,6 +33,9 @@ SURVIVAL_LIMIT = 30.0  # the promise: no rank survives its launcher by more than
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    # Rank identities left by an enclosing job (or an earlier in-process run): the launcher must not
+    # pass them on, or its agent looks like a rank and neither SIGTERM nor these checks find the ranks.
+    env.update(LOCAL_RANK="5", RANK="5", WORLD_SIZE="8")
     return env
 
 
