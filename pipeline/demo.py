@@ -73,7 +73,8 @@ SCALES: dict[str, dict[str, int]] = {
     # RESULTS.md, "Prior quality"). Over the old 15-minute budget: the wall time is not yet measured.
     "tiny": {"samples": 2000, "samples_per_shard": 250, "ae_steps": 1000, "vq_steps": 300, "ae_batch_size": 16,
              "prior_steps": 2000, "ar_steps": 120, "batch_size": 32, "scorer_steps": 2000, "eval_n": 200},
-    # medium: about an hour of a 2-core CPU; more data and steps for shapes and several objects.
+    # medium: more data and steps for shapes and several objects (estimated at about an hour of a
+    # 2-core CPU; not yet run end to end).
     "medium": {"samples": 8000, "samples_per_shard": 1000, "ae_steps": 2000, "vq_steps": 1500, "ae_batch_size": 16,
                "prior_steps": 4000, "ar_steps": 1500, "batch_size": 32, "scorer_steps": 2000, "eval_n": 500},
     # small: the budget for a GPU machine or a long CPU job.
