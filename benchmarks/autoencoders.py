@@ -22,11 +22,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
 from latentpipe.preprocessing.config import load_config
+from latentpipe.preprocessing.pixels import grid, to_unit_tensor
 from latentpipe.preprocessing.synthetic import make_scene
 from latentpipe.training.families import family_from_config
 from latentpipe.training.families.base import Family
@@ -38,8 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def scenes(seed: int, start: int, n: int, size: int = 32) -> torch.Tensor:
     """Scenes ``start .. start+n-1`` of ``seed`` as [n,3,size,size] in [-1,1]."""
-    arr = np.stack([np.asarray(make_scene(seed, start + i, size).image.convert("RGB")) for i in range(n)])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # [n,3,H,W]
+    return to_unit_tensor([make_scene(seed, start + i, size).image for i in range(n)])  # [n,3,H,W]
 
 
 def lr_at(step: int, total: int, lr: float, warmup: int, min_ratio: float) -> float:
@@ -94,14 +92,6 @@ def score(fam: Family, model: torch.nn.Module, held: torch.Tensor) -> tuple[dict
         out.update(codebook_usage=usage, codes_used=usage * k, num_codes=k, perplexity=perplexity)
     out["scaling_factor"] = compute_scaling_factor(model, [held[i:i + 64] for i in range(0, len(held), 64)], 512)
     return out, recs
-
-
-def grid(rows: list[torch.Tensor], n: int, scale: int) -> Image.Image:
-    """Rows of images [N,3,H,W] in [-1,1] -> one PNG grid (first ``n`` of each row), upscaled ``scale`` x."""
-    strips = [torch.cat(list(r[:n].clamp(-1, 1)), dim=2) for r in rows]  # each [3,H,nW]
-    arr = ((torch.cat(strips, dim=1).permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
-    img = Image.fromarray(arr)
-    return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
 
 
 def main() -> int:

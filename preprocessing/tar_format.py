@@ -1,7 +1,7 @@
 """The WebDataset tar format in one place: members, the key rule, the end check, damage names.
 
 A WebDataset shard is a POSIX tar whose consecutive members ``<key>.<ext>`` form one sample.
-Every reader of tars (``preprocessing/sources.py``, ``pipeline/encode.py``,
+Every reader of tars (``preprocessing/sources/tars.py``, ``pipeline/encode.py``,
 ``pipeline/shard_store.py``, ``training/tar_index.py``) lists members with ``scan_tar`` (headers
 only, data skipped by seeking) or ``stream_tar`` (pipes and compressed tars), groups them with
 ``group_members`` and names damage with the constants below; ``sample_bytes`` writes them.

@@ -12,16 +12,13 @@ the logits, so the same seed gives the same tokens with and without the KV cache
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from latentpipe.training.guidance import mix
 from latentpipe.training.models.ar import ARPrior
-
-# decoder(ids [B, h, w] int64) -> images [B, 3, H, W] in [-1, 1]
-TokenDecoder = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -41,11 +38,6 @@ class ARSampleConfig:
             raise ValueError(f"top_k must be >= 1 or null, got {self.top_k}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1] or null, got {self.top_p}")
-
-
-def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance on logits: ``scale * cond + (1 - scale) * uncond`` (same shape)."""
-    return cond * scale + uncond * (1.0 - scale)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -142,7 +134,7 @@ def sample_tokens(
             logits = logits[:, -1, :k]  # [rows, K]: image codes only, never BOS or spare ids
             if guided:
                 assert cfg.guidance is not None
-                logits = guide(logits[:b], logits[b:], cfg.guidance)  # [B, K]
+                logits = mix(logits[:b], logits[b:], cfg.guidance)  # [B, K]
             nxt = draw(logits, cfg.temperature, cfg.top_k, cfg.top_p, generator)  # [B]
             out.append(nxt)
             feed = torch.cat([nxt, nxt]) if guided else nxt  # [rows]
@@ -152,37 +144,9 @@ def sample_tokens(
     return torch.stack(out, dim=1)  # [B, N]
 
 
-def decode_tokens(tokens: torch.Tensor, grid: tuple[int, int], decoder: TokenDecoder) -> torch.Tensor:
-    """Token ids [B, h*w] (raster order) -> images [B, 3, H, W] through a VQGAN ``decoder``."""
-    h, w = grid
-    if tokens.shape[1] != h * w:
-        raise ValueError(f"expected {h * w} tokens for a {h}x{w} grid, got {tokens.shape[1]}")
-    return decoder(tokens.long().reshape(tokens.shape[0], h, w))  # [B, h, w] -> [B, 3, H, W]
-
-
-def vqmodel_decoder(vq: Any) -> TokenDecoder:
-    """A ``TokenDecoder`` over a diffusers ``VQModel``: codebook lookup, then its decoder."""
-    channels = vq.config.vq_embed_dim or vq.config.latent_channels
-
-    @torch.no_grad()
-    def decode(ids: torch.Tensor) -> torch.Tensor:
-        b, h, w = ids.shape
-        ids = ids.to(next(vq.parameters()).device)
-        if vq.config.lookup_from_codebook:
-            return vq.decode(ids.reshape(-1), force_not_quantize=True, shape=(b, h, w, channels)).sample
-        quant = vq.quantize.get_codebook_entry(ids.reshape(-1), (b, h, w, channels))  # [B, C, h, w]
-        return vq.decode(quant, force_not_quantize=True).sample
-
-    return decode
-
-
 __all__ = [
     "ARSampleConfig",
-    "TokenDecoder",
-    "decode_tokens",
     "draw",
     "filter_logits",
-    "guide",
     "sample_tokens",
-    "vqmodel_decoder",
 ]

@@ -42,6 +42,7 @@ import torch
 from PIL import Image
 
 from latentpipe.preprocessing.config import ConfigError
+from latentpipe.preprocessing.pixels import to_unit
 from latentpipe.preprocessing.tar_format import IMAGE_EXTS, read_ranges
 from latentpipe.training.tar_index import SampleIndex, build_index, open_binary, resolve_shards
 
@@ -217,11 +218,7 @@ def collate(samples: list[dict[str, Any]], max_text_len: int) -> dict[str, Any]:
     batch: dict[str, Any] = {"__key__": [s["__key__"] for s in samples],
                              "caption": [s["caption"] for s in samples]}
     if "image" in samples[0]:
-        img = np.stack([s["image"] for s in samples]).transpose(0, 3, 1, 2)  # [B, H, W, 3] -> [B, 3, H, W]
-        x = img.astype(np.float32)  # numpy, single-threaded: no intra-op thread contention in the loader
-        x *= np.float32(1 / 127.5)
-        x -= np.float32(1.0)
-        batch["image"] = torch.from_numpy(x)
+        batch["image"] = torch.from_numpy(to_unit(np.stack([s["image"] for s in samples])))  # [B, 3, H, W]
         return batch
     batch["latent"] = torch.from_numpy(np.stack([s["latent"] for s in samples]).astype(np.float32))
     if "tokens" in samples[0]:

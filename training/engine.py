@@ -39,8 +39,8 @@ from latentpipe.training import checkpoint as ckpt
 from latentpipe.training.config import TrainConfig
 from latentpipe.training.data import DataConfig, ShardStream
 from latentpipe.training.ema import ShardedEMA
-from latentpipe.training.export import consolidated_state_dict, save_export
-from latentpipe.training.families import Family, family_for_data, model_config_dict
+from latentpipe.training.export import consolidated_state_dict, publish, run_lineage
+from latentpipe.training.families import Family, family_for_data
 from latentpipe.training.monitor import TrainMonitor, quiet_known_noise
 from latentpipe.training.pending import Pending, StopPoll
 from latentpipe.training.safe_load import weights_only_loads
@@ -276,29 +276,14 @@ class Trainer:
         return path
 
     def export(self) -> Path:
+        """Collective: the consolidated (EMA) weights as ``workdir/export``, with the run's lineage;
+        registered in MLflow when ``tracking.register_as`` is set."""
         state = consolidated_state_dict(self.engines["model"], self.ema)
         out = self.workdir / "export"
         if self.di.rank == 0:
-            manifest = self.stream.manifest or {}
-            # Lineage: the data it saw and, for latent shards, the encoders that made them (the
-            # text encoder identity is what `latentpipe sample` encodes prompts with).
-            encoders = {role: {"identity": e.get("identity", {})}
-                        for role, e in (manifest.get("encoders") or {}).items()}
-            extra = {"step": self.step, "ema": bool(self.ema and self.ema.started),
-                     "ema_decay": self.cfg.ema.decay if self.ema else None,
-                     "config_hash": config_hash(self.cfg), "data_fingerprint": self.stream.fingerprint,
-                     "data_manifest_hash": manifest.get("config_hash"), "encoder_id": manifest.get("encoder_id"),
-                     "encoders": encoders, "git_commit": (git_commit() or "unknown")}
-            save_export(out, self.family.name, model_config_dict(self.family), state, extra)
-            (out / "train_config.json").write_text(json.dumps(to_dict(self.cfg), indent=1), encoding="utf-8")
-            if self.cfg.tracking.register_as:
-                tags = {k: str(v) for k, v in extra.items() if k != "encoders" and v is not None}
-                for role, e in encoders.items():
-                    ident = e["identity"]
-                    tags[f"encoder.{role}"] = f"{ident.get('source', '?')}@{str(ident.get('sha256', ''))[:12]}"
-                # "latest" is reserved by MLflow (models:/name/latest); "final" names the end-of-run export.
-                self._registered = self.tracker.register_model(out, self.cfg.tracking.register_as, tags=tags,
-                                                               aliases=("final",))
+            extra = run_lineage(self.cfg, self.step, bool(self.ema and self.ema.started), self.stream.manifest,
+                                self.stream.fingerprint)
+            self._registered = publish(out, self.family, self.cfg, state, extra, self.tracker)
         if dist.is_initialized():
             dist.barrier()
         return out

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from latentpipe.preprocessing.pixels import to_unit_tensor
 from latentpipe.preprocessing.progress import Progress
 from latentpipe.preprocessing.synthetic import COLOURS, POSITIONS, SHAPES, SIZES, make_scene
 
@@ -96,15 +97,9 @@ def targets(attributes: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
     return {"shape": shape, "colour": colour, "size": size}
 
 
-def to_tensor(images: Sequence[Any]) -> torch.Tensor:
-    """PIL images or uint8 arrays [H, W, 3] -> float [B, 3, H, W] in [-1, 1]."""
-    arr = np.stack([np.asarray(im.convert("RGB") if hasattr(im, "convert") else im) for im in images])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
 def scene_batch(seed: int, start: int, n: int, size: int) -> tuple[torch.Tensor, list[dict[str, Any]]]:
     scenes = [make_scene(seed, i, size) for i in range(start, start + n)]
-    return to_tensor([s.image for s in scenes]), [s.attributes for s in scenes]
+    return to_unit_tensor([s.image for s in scenes]), [s.attributes for s in scenes]
 
 
 def _loss(out: dict[str, torch.Tensor], t: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -18,11 +18,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from latentpipe.preprocessing.config import ConfigError
-from latentpipe.training.families import Family, family_from_config
+from latentpipe.preprocessing.config import ConfigError, config_hash, to_dict
+from latentpipe.training.families import Family, family_from_config, model_config_dict
 
 if TYPE_CHECKING:
+    from latentpipe.training.config import TrainConfig
     from latentpipe.training.ema import ShardedEMA
+    from latentpipe.training.tracking import Tracker
 
 SCHEMA_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -103,6 +105,38 @@ def consolidated_state_dict(engine: Any, ema: ShardedEMA | None = None) -> dict[
     if rank != 0:
         return {}
     return {k: values[id(v)].clone() for k, v in module.state_dict(keep_vars=True).items() if id(v) in values}
+
+
+def run_lineage(cfg: TrainConfig, step: int, ema_on: bool, manifest: Mapping[str, Any] | None,
+                data_fingerprint: str | None) -> dict[str, Any]:
+    """What an export records about the run that made it (``export.json`` ``extra``): the step, the EMA,
+    the config hash, the data it saw and, for latent shards, the encoders that made them (the text
+    encoder's identity is what ``latentpipe sample`` encodes prompts with), and the git commit."""
+    from latentpipe.training.tracking import git_commit
+
+    manifest = manifest or {}
+    encoders = {role: {"identity": e.get("identity", {})} for role, e in (manifest.get("encoders") or {}).items()}
+    return {"step": step, "ema": ema_on, "ema_decay": cfg.ema.decay if cfg.ema.enabled else None,
+            "config_hash": config_hash(cfg), "data_fingerprint": data_fingerprint,
+            "data_manifest_hash": manifest.get("config_hash"), "encoder_id": manifest.get("encoder_id"),
+            "encoders": encoders, "git_commit": git_commit() or "unknown"}
+
+
+def publish(out: Path, family: Family, cfg: TrainConfig, state: Mapping[str, torch.Tensor],
+            extra: Mapping[str, Any], tracker: Tracker) -> str | None:
+    """Write the export (weights, ``export.json`` with ``extra``, the run's ``train_config.json``) and,
+    with ``tracking.register_as``, register it as a model version tagged with its lineage and aliased
+    ``final`` ("latest" is reserved by MLflow). Returns the registered ``models:/`` URI or None."""
+    save_export(out, family.name, model_config_dict(family), state, extra)
+    (out / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=1), encoding="utf-8")
+    if not cfg.tracking.register_as:
+        return None
+    tags = {k: str(v) for k, v in extra.items() if k != "encoders" and v is not None}
+    for role, e in (extra.get("encoders") or {}).items():
+        ident = e["identity"]
+        tags[f"encoder.{role}"] = f"{ident.get('source', '?')}@{str(ident.get('sha256', ''))[:12]}"
+    registered: str | None = tracker.register_model(out, cfg.tracking.register_as, tags=tags, aliases=("final",))
+    return registered
 
 
 def read_export_meta(dir: str | Path) -> dict[str, Any]:

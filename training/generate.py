@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from latentpipe.preprocessing.pixels import to_uint8
 from latentpipe.training.export import load_export, read_export_meta
 
 log = logging.getLogger("latentpipe.generate")
@@ -141,8 +142,7 @@ def _text_encoder(meta: dict[str, Any], override: str | None, device: str) -> An
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """[N, 3, H, W] in [-1, 1] -> PIL RGB images."""
-    arr = ((images.clamp(-1, 1).permute(0, 2, 3, 1).numpy() + 1.0) * 127.5).round().astype(np.uint8)
-    return [Image.fromarray(a) for a in arr]
+    return [Image.fromarray(a) for a in to_uint8(images)]
 
 
 def labelled_grid(images: Sequence[Image.Image], labels: Sequence[str], per_row: int, scale: int = 1,

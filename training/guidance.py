@@ -5,11 +5,13 @@ Training drops each caption with probability p (``TextCond.drop``); the model re
 dropped caption by its null embedding. At sampling time the conditional and unconditional
 passes run as one batch of 2B and are combined in the model's output space,
 
-    out = out_uncond + w (out_cond - out_uncond),
+    out = w out_cond + (1 - w) out_uncond  (= out_uncond + w (out_cond - out_uncond)),
 
 which is the same as combining eps (or velocities) because every parameterisation used
 here is affine in the model output for fixed (x_t, t). w = 1 is the conditional model,
-w = 0 the unconditional one.
+w = 0 the unconditional one; the written form is exact at both. ``mix`` is the one
+implementation: the diffusion and flow samplers mix model outputs with it, the AR sampler
+next-token logits.
 """
 
 from __future__ import annotations
@@ -87,6 +89,11 @@ def _pad(x: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([x, pad], dim=1)
 
 
+def mix(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance of two outputs of the same shape: ``scale * cond + (1 - scale) * uncond``."""
+    return cond * scale + uncond * (1.0 - scale)
+
+
 def guided(model: Model, x: torch.Tensor, t: torch.Tensor, cond: Any, scale: float | None) -> torch.Tensor:
     """Model output with classifier-free guidance.
 
@@ -97,10 +104,10 @@ def guided(model: Model, x: torch.Tensor, t: torch.Tensor, cond: Any, scale: flo
         scale: guidance weight w; None runs the conditional model alone (one pass).
 
     Returns:
-        [B, ...]: ``u + w (c - u)`` from one batched pass over [cond; null(cond)].
+        [B, ...]: ``mix(c, u, w)`` from one batched pass over [cond; null(cond)].
     """
     if scale is None:
         return model(x, t, cond)
     out = model(torch.cat([x, x]), torch.cat([t, t]), cond.cat(cond.null()))  # [2B, ...]
     c, u = out.chunk(2)
-    return u + scale * (c - u)
+    return mix(c, u, scale)

@@ -237,7 +237,8 @@ def test_export_and_registered_model_sources(tmp_path: Path) -> None:
     """--vae takes a latentpipe export folder or models:/name@alias; both load the same weights."""
     import torch
 
-    from latentpipe.pipeline.encode import build_encoder, encoder_id, resolve_source
+    from latentpipe.pipeline.encode import encoder_id
+    from latentpipe.pipeline.encoder_sources import build_encoder, resolve_source
     from latentpipe.training.export import save_export
     from latentpipe.training.families import family_from_config, model_config_dict
     from latentpipe.training.tracking import Tracker, TrackingConfig
@@ -249,7 +250,7 @@ def test_export_and_registered_model_sources(tmp_path: Path) -> None:
     save_export(tmp_path / "run" / "export", "kl_vae", model_config_dict(fam), module.state_dict(), {"step": 1})
     exp = resolve_source("vae", str(tmp_path / "run"))  # a training workdir holding export/
     assert exp.format == "export" and exp.path == str((tmp_path / "run" / "export").resolve())
-    enc = build_encoder(exp, EncodeConfig(), "cpu")
+    enc = build_encoder(exp, "cpu")
     x = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     with torch.no_grad():
         post = module.encode(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1).latent_dist
@@ -266,12 +267,12 @@ def test_export_and_registered_model_sources(tmp_path: Path) -> None:
     assert reg.origin["model_version"] == 1 and reg.path == str(tmp_path / "cache" / "demo-vae-v1")
     assert reg.sha256 == exp.sha256  # same weights: the same encoder id, wherever they came from
     assert encoder_id([reg], EncodeConfig(), "cpu") == encoder_id([exp], EncodeConfig(), "cpu")
-    np.testing.assert_array_equal(build_encoder(reg, EncodeConfig(), "cpu").encode(x)["latent"],
+    np.testing.assert_array_equal(build_encoder(reg, "cpu").encode(x)["latent"],
                                   enc.encode(x)["latent"])
     with pytest.raises(ConfigError, match="not found in the MLflow registry"):
         resolve_source("vae", "models:/demo-vae@missing", tmp_path / "cache", uri)
     with pytest.raises(ConfigError, match="an export of family 'kl_vae', expected 'vqgan'"):
-        build_encoder(resolve_source("vqgan", str(tmp_path / "run")), EncodeConfig(), "cpu")
+        build_encoder(resolve_source("vqgan", str(tmp_path / "run")), "cpu")
 
 
 def test_decode_keeps_what_precedes_any_tar_damage(tmp_path: Path) -> None:

@@ -16,18 +16,13 @@ import pytest
 import torch
 
 from latentpipe.preprocessing.config import ConfigError, load_config, read_yaml
-from latentpipe.training.ar_sampling import (
-    ARSampleConfig,
-    decode_tokens,
-    filter_logits,
-    guide,
-    sample_tokens,
-    vqmodel_decoder,
-)
+from latentpipe.training.ar_sampling import ARSampleConfig, filter_logits, sample_tokens
 from latentpipe.training.export import load_export, save_export
 from latentpipe.training.families import family_from_config, model_config_dict
 from latentpipe.training.families.ar import ARFamily, ARFamilyConfig, fit_text
+from latentpipe.training.guidance import mix
 from latentpipe.training.models.ar import PRESETS, ARConfig, ARPrior, build_ar
+from latentpipe.training.models.autoencoders import vq_decode_tokens
 from latentpipe.training.objectives.autoregressive import AutoregressiveObjective, keyed_uniform
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -142,8 +137,8 @@ def test_guidance_zero_is_unconditional_and_one_is_conditional(trained: tuple[AR
     assert torch.equal(run(text, mask, 1.0), cond_only)
     assert not torch.equal(run(text, mask, 3.0), cond_only)
     a, b = torch.randn(4, K), torch.randn(4, K)
-    assert torch.equal(guide(a, b, 0.0), b) and torch.equal(guide(a, b, 1.0), a)
-    torch.testing.assert_close(guide(a, b, 3.0), b + 3.0 * (a - b))
+    assert torch.equal(mix(a, b, 0.0), b) and torch.equal(mix(a, b, 1.0), a)
+    torch.testing.assert_close(mix(a, b, 3.0), b + 3.0 * (a - b))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -281,7 +276,7 @@ def test_decode_through_a_diffusers_vqmodel(tmp_path: Path) -> None:
         ref = vq.decode(h).sample  # quantizes to the nearest codes, then decodes
         _, _, (_, _, idx) = vq.quantize(h)
     tokens = idx.reshape(2, 16)  # raster order of the 4x4 grid
-    out = decode_tokens(tokens, (4, 4), vqmodel_decoder(vq))
+    out = vq_decode_tokens(vq, tokens, 4, 4)
     torch.testing.assert_close(out, ref)
     # The family decodes its samples through a VQGAN folder named in model.vqgan.
     vq.save_pretrained(tmp_path / "vq")
@@ -294,11 +289,11 @@ def test_decode_through_a_diffusers_vqmodel(tmp_path: Path) -> None:
     tokens, images = fam.generate(module, torch.randn(2, 5, D), torch.ones(2, 5, dtype=torch.int64),
                                   torch.Generator().manual_seed(0))
     assert tokens.shape == (2, 16) and images.shape == (2, 3, 8, 8)
-    torch.testing.assert_close(images, decode_tokens(tokens, (4, 4), vqmodel_decoder(vq)))
+    torch.testing.assert_close(images, vq_decode_tokens(vq, tokens, 4, 4))
     bad = family_from_config({"kind": "ar", "vqgan": str(tmp_path / "vq"), "net": {"codebook_size": K + 1}})
     assert isinstance(bad, ARFamily)
     with pytest.raises(ValueError, match="has 8 codes"):
-        bad.decoder()
+        bad.vqgan()
 
 
 def test_fit_text_pads_and_truncates_like_the_loader() -> None:

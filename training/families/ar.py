@@ -12,21 +12,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
-from latentpipe.training.ar_sampling import (
-    ARSampleConfig,
-    TokenDecoder,
-    decode_tokens,
-    sample_tokens,
-    vqmodel_decoder,
-)
+from latentpipe.preprocessing.pixels import grid, to_unit_tensor
+from latentpipe.training.ar_sampling import ARSampleConfig, sample_tokens
 from latentpipe.training.families import register
-from latentpipe.training.families.base import Family
+from latentpipe.training.families.base import Family, unwrap
 from latentpipe.training.models.ar import ARConfig, ARPrior, ar_demo, build_ar
+from latentpipe.training.models.autoencoders import vq_decode_tokens
 from latentpipe.training.objectives.autoregressive import AutoregressiveObjective
 
 
@@ -46,14 +41,6 @@ class ARFamilyConfig:
             raise ValueError(f"cond_drop must be in [0, 1], got {self.cond_drop}")
         if self.grid_samples < 1:
             raise ValueError(f"grid_samples must be >= 1, got {self.grid_samples}")
-
-
-def _unwrap(module: nn.Module) -> ARPrior:
-    """The ARPrior inside a DeepSpeed engine (or the module itself)."""
-    inner = getattr(module, "module", module)
-    if not isinstance(inner, ARPrior):
-        raise TypeError(f"expected an ARPrior, got {type(inner).__name__}")
-    return inner
 
 
 def load_vqgan(path: str) -> Any:
@@ -80,18 +67,15 @@ def fit_text(text: torch.Tensor, text_mask: torch.Tensor | None, length: int) ->
 
 def image_grid(images: torch.Tensor) -> Image.Image:
     """Images [B, 3, H, W] in [-1, 1] -> one row, as a PIL image."""
-    imgs = images.detach().float().cpu().clamp(-1, 1)
-    row = torch.cat(list(imgs), dim=2)  # [3, H, B*W]
-    arr = ((row.permute(1, 2, 0).numpy() + 1.0) * 127.5).round().astype(np.uint8)  # [H, B*W, 3]
-    return Image.fromarray(arr)
+    return grid([images])
 
 
 def code_map(tokens: torch.Tensor, grid: tuple[int, int], scale: int = 4) -> torch.Tensor:
     """False-colour images [B, 3, h*scale, w*scale] in [-1, 1] of code ids [B, h*w] (a fixed palette)."""
     h, w = grid
     ids = tokens.long().cpu().reshape(-1, h, w)  # [B, h, w]
-    rgb = torch.stack([(ids * 97) % 256, (ids * 57 + 80) % 256, (ids * 31 + 160) % 256], dim=1)  # [B, 3, h, w]
-    rgb = rgb.float() / 127.5 - 1.0
+    rgb = torch.stack([(ids * 97) % 256, (ids * 57 + 80) % 256, (ids * 31 + 160) % 256], dim=-1)  # [B, h, w, 3]
+    rgb = to_unit_tensor(rgb.to(torch.uint8).numpy())  # [B, 3, h, w]
     return rgb.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
 
 
@@ -131,12 +115,12 @@ class ARFamily(Family):
         if part != "model":
             raise KeyError(f"ar has no part {part!r}")
         model = modules["model"]
-        device = next(_unwrap(model).parameters()).device
+        device = next(unwrap(model, ARPrior).parameters()).device
         # Caption dropout keyed on (sample key, step): exact on resume and at any world size.
         return self.objective.loss(model, self._batch(batch, device), step=step)
 
-    def decoder(self, device: torch.device | None = None) -> TokenDecoder | None:
-        """The VQGAN decoder of ``cfg.vqgan`` (loaded once, moved to ``device``), or None without one."""
+    def vqgan(self, device: torch.device | None = None) -> Any:
+        """The VQGAN of ``cfg.vqgan`` (loaded once, moved to ``device``), or None without one."""
         if not self.cfg.vqgan:
             return None
         if self._vq is None:
@@ -147,7 +131,7 @@ class ARFamily(Family):
                                  f"model.net.codebook_size is {self.cfg.net.codebook_size}")
         if device is not None:
             self._vq.to(device)
-        return vqmodel_decoder(self._vq)
+        return self._vq
 
     @torch.no_grad()
     def generate(
@@ -164,20 +148,20 @@ class ARFamily(Family):
         ``text`` [B, L, D] / ``text_mask`` [B, L] from a latent batch or a text encoder (padded or
         truncated to ``net.text_len`` like the training loader does); None for unconditional samples.
         """
-        net = _unwrap(module)
+        net = unwrap(module, ARPrior)
         device = next(net.parameters()).device
         if text is not None:
             text, text_mask = fit_text(text.to(device), None if text_mask is None else text_mask.to(device),
                                        self.cfg.net.text_len)
         tokens = sample_tokens(net, text, text_mask, sample or self.cfg.sample, generator, batch_size)
-        dec = self.decoder(device)
-        images = decode_tokens(tokens, self.cfg.net.grid, dec) if dec is not None else code_map(tokens, self.cfg.net.grid)
+        vq = self.vqgan(device)
+        images = vq_decode_tokens(vq, tokens, *self.cfg.net.grid) if vq is not None else code_map(tokens, self.cfg.net.grid)
         return tokens, images
 
     def log_images(self, modules: Mapping[str, nn.Module], batch: Mapping[str, Any]) -> dict[str, Image.Image]:
         """A row of samples for the batch's first captions (same seed every time)."""
         n = min(self.cfg.grid_samples, int(batch["text"].shape[0]))
-        device = next(_unwrap(modules["model"]).parameters()).device
+        device = next(unwrap(modules["model"], ARPrior).parameters()).device
         gen = torch.Generator(device=device).manual_seed(self.cfg.sample_seed)
         _, images = self.generate(modules["model"], batch["text"][:n], batch["text_mask"][:n], gen)
         return {"samples": image_grid(images)}

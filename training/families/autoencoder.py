@@ -22,19 +22,20 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
 from torch import nn
 
+from latentpipe.preprocessing.pixels import grid
 from latentpipe.training.families import register
-from latentpipe.training.families.base import Family
+from latentpipe.training.families.base import Family, unwrap
 from latentpipe.training.models.autoencoders import (
     Autoencoder,
     AutoencoderArchConfig,
     Kind,
     build_autoencoder,
+    vq_codes,
     vq_decode_latents,
     vq_indices,
 )
@@ -88,13 +89,6 @@ class VQGANConfig:
     scaling_decay: float = 0.99
 
 
-def _inner(m: nn.Module) -> nn.Module:
-    """The bare module inside a DeepSpeed engine (or ``m`` itself)."""
-    inner = getattr(m, "module", m)
-    assert isinstance(inner, nn.Module)
-    return inner
-
-
 def _images(batch: Mapping[str, Any], like: nn.Module) -> Tensor:
     p = next(like.parameters())
     return batch["image"].to(device=p.device, dtype=p.dtype)  # [B,3,H,W] in [-1,1]
@@ -106,10 +100,7 @@ def _dist() -> bool:
 
 def recon_grid(x: Tensor, rec: Tensor, n: int = 8) -> Image.Image:
     """Top row: up to ``n`` inputs; bottom row: their reconstructions ([B,3,H,W] in [-1,1])."""
-    a, b = x[:n].detach().float().cpu().clamp(-1, 1), rec[:n].detach().float().cpu().clamp(-1, 1)
-    grid = torch.cat([torch.cat(list(a), dim=2), torch.cat(list(b), dim=2)], dim=1)  # [3, 2H, nW]
-    arr = ((grid.permute(1, 2, 0).numpy() + 1.0) * 127.5).round().astype(np.uint8)  # [2H, nW, 3]
-    return Image.fromarray(arr)
+    return grid([x, rec], n)
 
 
 class _AutoencoderFamily(Family):
@@ -151,8 +142,8 @@ class _AutoencoderFamily(Family):
         model = modules["model"]
         x = _images(batch, model)
         if part == "model":
-            disc = _inner(modules["disc"]) if "disc" in modules and self.cfg.loss.adversarial(step) else None
-            self._before_step(_inner(model), x, step, getattr(model, "optimizer", None))
+            disc = unwrap(modules["disc"], nn.Module) if "disc" in modules and self.cfg.loss.adversarial(step) else None
+            self._before_step(unwrap(model, nn.Module), x, step, getattr(model, "optimizer", None))
             objective = partial(self._objective, step=step, disc=disc, lpips=self._perceptual(x.device))
             if disc is not None:
                 disc.requires_grad_(False)  # the generator step puts no gradient into the discriminator
@@ -162,7 +153,7 @@ class _AutoencoderFamily(Family):
                 if disc is not None:
                     disc.requires_grad_(True)
             self._rec_cache = (step, rec.detach())
-            self._track_scale(_inner(model), latents.detach())
+            self._track_scale(unwrap(model, nn.Module), latents.detach())
             return loss, logs
         if part == "disc":
             if self._rec_cache is not None and self._rec_cache[0] == step:
@@ -222,9 +213,8 @@ def _deterministic(ae: Autoencoder, x: Tensor) -> tuple[Tensor, dict[str, float 
         post = enc.latent_dist
         return ae.decode(post.mean).sample, {"kl": float(kl_divergence(post.mean, post.logvar))}
     idx = vq_indices(ae, enc.latents)  # [B,h,w]
-    z_q = ae.quantize.embedding(idx).permute(0, 3, 1, 2)  # [B,D,h,w]
     usage, perplexity = codebook_stats(code_histogram(idx, ae.quantize.n_e))
-    return vq_decode_latents(ae, z_q), {"codebook_usage": usage, "perplexity": perplexity}
+    return vq_decode_latents(ae, vq_codes(ae, idx)), {"codebook_usage": usage, "perplexity": perplexity}
 
 
 @register

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 import torch
 from torch import nn
@@ -21,6 +21,15 @@ if TYPE_CHECKING:
     from PIL import Image
 
 PRIMARY = "model"
+M = TypeVar("M", bound=nn.Module)
+
+
+def unwrap(module: nn.Module, cls: type[M]) -> M:
+    """The ``cls`` inside a DeepSpeed engine (or ``module`` itself); TypeError for anything else."""
+    inner = getattr(module, "module", module)
+    if not isinstance(inner, cls):
+        raise TypeError(f"expected a {cls.__name__}, got {type(inner).__name__}")
+    return inner
 
 
 class Family(abc.ABC):

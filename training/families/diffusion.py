@@ -25,17 +25,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
 from torch import nn
 
 from latentpipe.preprocessing.config import ConfigError
+from latentpipe.preprocessing.pixels import grid
 from latentpipe.training.families import register
-from latentpipe.training.families.base import Family
+from latentpipe.training.families.base import Family, unwrap
 from latentpipe.training.guidance import TextCond
-from latentpipe.training.models import BackboneSpec, Denoiser, NullText, build_denoiser
+from latentpipe.training.models import BackboneSpec, NullText, build_denoiser
 from latentpipe.training.objectives import ContinuousObjective, LatentBatch
 from latentpipe.training.objectives.ddpm import DDPMConfig, DDPMObjective
 from latentpipe.training.samplers import Sampler, diffusion_sampler
@@ -90,28 +90,12 @@ class DiffusionFamilyConfig(LatentPriorConfig):
     sample: DiffusionSampleConfig = field(default_factory=DiffusionSampleConfig)
 
 
-def unwrap(module: nn.Module) -> Denoiser:
-    """The ``Denoiser`` inside a DeepSpeed engine (or the module itself)."""
-    inner = getattr(module, "module", module)
-    if not isinstance(inner, Denoiser):
-        raise TypeError(f"expected a Denoiser, got {type(inner).__name__}")
-    return inner
-
-
-def latent_row(latents: torch.Tensor, scale: int = 4) -> torch.Tensor:
-    """False-colour view [3, h*scale, B*w*scale] in [-1, 1] of latents [B, C, h, w] (first 3 channels)."""
+def latent_view(latents: torch.Tensor, scale: int = 4) -> torch.Tensor:
+    """False-colour images [B, 3, h*scale, w*scale] in [-1, 1] of latents [B, C, h, w] (first 3 channels)."""
     x = latents.detach().float().cpu()
     x = x[:, :3] if x.shape[1] >= 3 else x[:, :1].expand(-1, 3, -1, -1)  # [B, 3, h, w]
     x = (x / 2.5).clamp(-1, 1)  # unit-variance latents: +-2.5 sigma spans the colour range
-    x = x.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
-    return torch.cat(list(x), dim=2)
-
-
-def to_image(rows: list[torch.Tensor]) -> Image.Image:
-    """Rows [3, H, W] in [-1, 1] stacked vertically -> PIL RGB."""
-    grid = torch.cat(rows, dim=1)  # [3, sum H, W]
-    arr = ((grid.permute(1, 2, 0).numpy() + 1.0) * 127.5).round().astype(np.uint8)  # [H, W, 3]
-    return Image.fromarray(arr)
+    return x.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
 
 
 def load_vae(path: str) -> nn.Module:
@@ -216,7 +200,7 @@ class LatentPriorFamily(Family, abc.ABC):
         if part != "model":
             raise KeyError(f"{self.name} has no part {part!r}")
         model = modules["model"]
-        device = next(unwrap(model).parameters()).device
+        device = next(unwrap(model, nn.Module).parameters()).device
         g = self.noise_generator(step, device)
         loss, logs = self.objective_loss(model, self._inputs(batch, device, g, drop=True), g)
         logs.pop("loss", None)  # the engine logs the loss itself
@@ -226,7 +210,7 @@ class LatentPriorFamily(Family, abc.ABC):
     def evaluate(self, modules: Mapping[str, nn.Module], batch: Mapping[str, Any], step: int) -> dict[str, float]:
         """The objective on the fixed batch with fixed noise and times, captions kept (comparable across steps)."""
         model = modules["model"]
-        device = next(unwrap(model).parameters()).device
+        device = next(unwrap(model, nn.Module).parameters()).device
         g = torch.Generator(device=device).manual_seed(self.cfg.sample_seed)
         loss, logs = self.objective_loss(model, self._inputs(batch, device, g, drop=False), g)
         return {"model/loss": float(loss), **{f"model/{k}": float(v) for k, v in logs.items() if k != "loss"}}
@@ -252,7 +236,7 @@ class LatentPriorFamily(Family, abc.ABC):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Scaled latents [B, C, h, w] for ``cond`` and, with a VAE, images [B, 3, H, W] in [-1, 1]."""
         c = self.cfg
-        device = next(unwrap(module).parameters()).device
+        device = next(unwrap(module, nn.Module).parameters()).device
         sampler, cfg_steps, cfg_guidance = self.sampler()
         shape = (len(cond), c.latent_channels, c.latent_size, c.latent_size)
         noise = torch.randn(shape, device=device, generator=generator)
@@ -270,7 +254,7 @@ class LatentPriorFamily(Family, abc.ABC):
     def log_images(self, modules: Mapping[str, nn.Module], batch: Mapping[str, Any]) -> dict[str, Image.Image]:
         """Top row: the batch's data (decoded or latent view); bottom row: samples for its captions."""
         model = modules["model"]
-        device = next(unwrap(model).parameters()).device
+        device = next(unwrap(model, nn.Module).parameters()).device
         n = min(self.cfg.grid_samples, int(batch["text"].shape[0]))
         g = torch.Generator(device=device).manual_seed(self.cfg.sample_seed)
         data = self._inputs({k: v[:n] for k, v in batch.items() if k in ("latent", "text", "text_mask")},
@@ -278,11 +262,10 @@ class LatentPriorFamily(Family, abc.ABC):
         z, images = self.generate(model, data.cond, g)
         vae = self.vae()
         if images is None or vae is None:
-            return {"samples": to_image([latent_row(data.x), latent_row(z)])}
+            return {"samples": grid([latent_view(data.x), latent_view(z)])}
         scale, shift = self.cfg.factors()
         real: torch.Tensor = vae.decode(data.x / scale + shift, return_dict=False)[0]  # type: ignore[operator]
-        rows = [torch.cat(list(r.float().cpu().clamp(-1, 1)), dim=2) for r in (real, images)]  # [3, H, n*W] each
-        return {"samples": to_image(rows)}
+        return {"samples": grid([real, images])}
 
 
 @register
@@ -310,8 +293,6 @@ __all__ = [
     "DiffusionSampleConfig",
     "LatentPriorConfig",
     "LatentPriorFamily",
-    "latent_row",
+    "latent_view",
     "load_vae",
-    "to_image",
-    "unwrap",
 ]

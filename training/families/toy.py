@@ -13,12 +13,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from latentpipe.preprocessing.pixels import grid
 from latentpipe.training.families import register
 from latentpipe.training.families.base import Family
 
@@ -72,12 +72,8 @@ def _dtype_of(module: nn.Module) -> torch.Tensor:
 
 def colour_grid(images: torch.Tensor, colours: torch.Tensor, n: int = 8) -> Image.Image:
     """Top row: the first ``n`` images; bottom row: swatches of ``colours`` [B, 3] in [-1, 1]."""
-    imgs = images[:n].detach().float().cpu().clamp(-1, 1)  # [n, 3, H, W]
-    n, _, h, w = imgs.shape
-    sw = colours[:n].detach().float().cpu().clamp(-1, 1)[:, :, None, None].expand(n, 3, h, w)
-    grid = torch.cat([torch.cat(list(imgs), dim=2), torch.cat(list(sw), dim=2)], dim=1)  # [3, 2H, nW]
-    arr = ((grid.permute(1, 2, 0).numpy() + 1.0) * 127.5).round().astype(np.uint8)  # [2H, nW, 3]
-    return Image.fromarray(arr)
+    imgs = images[:n]  # [n, 3, H, W]
+    return grid([imgs, colours[:n, :, None, None].expand_as(imgs)])
 
 
 @register

@@ -229,12 +229,29 @@ def vq_decode_latents(model: Autoencoder, z_q: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def nearest_code(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Index int64 [N] of the nearest row of ``codebook`` [K,D] (L2) for every row of ``x`` [N,D].
+
+    The one nearest-code rule of latentpipe (diffusers' ``VectorQuantizer`` uses the same): the VQGAN
+    objective, its k-means initialisation, token encoding and reconstruction all call it.
+    """
+    return torch.argmin(torch.cdist(x, codebook), dim=1)
+
+
 def vq_indices(model: Autoencoder, latents: torch.Tensor) -> torch.Tensor:
-    """Nearest codebook entry of every latent vector [B,D,h,w] -> int64 [B,h,w] (diffusers' rule: argmin L2)."""
+    """Nearest codebook entry of every latent vector [B,D,h,w] -> int64 [B,h,w]."""
     b, d, h, w = latents.shape
     flat = latents.permute(0, 2, 3, 1).reshape(-1, d)  # [B*h*w, D]
-    idx = torch.argmin(torch.cdist(flat, model.quantize.embedding.weight), dim=1)
-    return idx.view(b, h, w)
+    return nearest_code(flat, model.quantize.embedding.weight).view(b, h, w)
+
+
+def vq_codes(model: Autoencoder, indices: torch.Tensor) -> torch.Tensor:
+    """Codebook vectors [B,D,h,w] of code indices [B,h,w] (diffusers' ``get_codebook_entry``, so a
+    user's ``VQModel`` with a remapped codebook decodes correctly too)."""
+    b, h, w = indices.shape
+    channels = model.config.vq_embed_dim or model.config.latent_channels
+    z_q: torch.Tensor = model.quantize.get_codebook_entry(indices.reshape(-1), (b, h, w, channels))
+    return z_q
 
 
 @torch.no_grad()
@@ -246,10 +263,12 @@ def vq_encode_tokens(model: Autoencoder, images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def vq_decode_tokens(model: Autoencoder, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Code indices [B, h*w] (raster order) -> images [B,3,H,W] in about [-1,1]."""
-    b = tokens.shape[0]
-    z_q = model.quantize.embedding(tokens.long()).view(b, height, width, -1).permute(0, 3, 1, 2)  # [B,D,h,w]
-    return vq_decode_latents(model, z_q)
+    """Code indices [B, h*w] (raster order) -> images [B,3,H,W] in about [-1,1]: the one token decode path
+    (the AR prior's samples, its export and the benchmarks)."""
+    if tokens.shape[1] != height * width:
+        raise ValueError(f"expected {height * width} tokens for a {height}x{width} grid, got {tokens.shape[1]}")
+    ids = tokens.long().to(next(model.parameters()).device).view(tokens.shape[0], height, width)
+    return vq_decode_latents(model, vq_codes(model, ids))
 
 
 @torch.no_grad()
@@ -259,9 +278,7 @@ def reconstruct(model: Autoencoder, images: torch.Tensor) -> torch.Tensor:
         mean = model.encode(images).latent_dist.mean
         out: torch.Tensor = model.decode(mean).sample
         return out
-    latents = model.encode(images).latents
-    z_q = model.quantize.embedding(vq_indices(model, latents)).permute(0, 3, 1, 2)  # [B,D,h,w]
-    return vq_decode_latents(model, z_q)
+    return vq_decode_latents(model, vq_codes(model, vq_indices(model, model.encode(images).latents)))
 
 
 @torch.no_grad()
@@ -270,8 +287,7 @@ def latent_sample(model: Autoencoder, images: torch.Tensor, generator: torch.Gen
     if is_kl(model):
         out: torch.Tensor = model.encode(images).latent_dist.sample(generator)
         return out
-    latents = model.encode(images).latents
-    return model.quantize.embedding(vq_indices(model, latents)).permute(0, 3, 1, 2)
+    return vq_codes(model, vq_indices(model, model.encode(images).latents))
 
 
 @torch.no_grad()
@@ -326,6 +342,8 @@ __all__ = [
     "load_pretrained",
     "reconstruct",
     "vq_decode_latents",
+    "nearest_code",
+    "vq_codes",
     "vq_decode_tokens",
     "vq_encode_tokens",
     "vq_indices",

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from latentpipe.training.models.autoencoders import nearest_code
+
 Tensor = torch.Tensor
 
 
@@ -106,7 +108,7 @@ def quantize(z_e: Tensor, codebook: Tensor) -> Quantized:
     b, d, h, w = z_e.shape
     flat = z_e.permute(0, 2, 3, 1).reshape(-1, d)  # [B*h*w, D]
     with torch.no_grad():
-        idx = torch.argmin(torch.cdist(flat, codebook), dim=1)  # [B*h*w]
+        idx = nearest_code(flat, codebook)  # [B*h*w]
     e = codebook[idx].view(b, h, w, d).permute(0, 3, 1, 2)  # [B,D,h,w]
     codebook_loss = F.mse_loss(e, z_e.detach())
     commitment_loss = F.mse_loss(z_e, e.detach())
@@ -131,7 +133,7 @@ def kmeans(x: Tensor, k: int, iters: int = 10, generator: torch.Generator | None
     n = x.shape[0]
     centres = x[torch.randint(n, (k,), generator=generator, device=x.device)].clone()
     for _ in range(iters):
-        assign = torch.argmin(torch.cdist(x, centres), dim=1)  # [N]
+        assign = nearest_code(x, centres)  # [N]
         sums = torch.zeros_like(centres).index_add_(0, assign, x)
         counts = torch.bincount(assign, minlength=k).to(x.dtype)
         empty = counts == 0
