@@ -183,7 +183,7 @@ def log_to_mlflow(workdir: Path, out: Path, rows: list[dict[str, Any]], params: 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", type=Path, required=True, help="the demo workdir (trained first if not finished)")
-    ap.add_argument("--scale", choices=["tiny", "small"], default="tiny", help="the demo's training budget")
+    ap.add_argument("--scale", choices=["tiny", "medium", "small"], default="tiny", help="the demo's training budget")
     ap.add_argument("--scorer", type=Path, help="scorer folder (default WORKDIR/scorer, the demo's own)")
     ap.add_argument("--n", type=int, default=200, help="held-out prompts per setting")
     ap.add_argument("--batch-size", type=int, default=100)

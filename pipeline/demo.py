@@ -49,7 +49,7 @@ class DemoConfig:
     batch_size: int = 0  # per rank, the priors
     scorer_steps: int = 0
     eval_n: int = 0
-    priors: list[str] = field(default_factory=lambda: list(PRIORS))
+    priors: list[str] = field(default_factory=list)  # empty: the scale's (PRESET_PRIORS)
     nproc: int = 0  # ranks per training job; 0: the GPUs present, else 2 CPU ranks
     ray_address: str | None = None
     seed: int = 0
@@ -65,16 +65,21 @@ class DemoConfig:
         for key, value in preset.items():
             if getattr(self, key) == 0:
                 setattr(self, key, value)
+        if not self.priors:
+            self.priors = list(PRESET_PRIORS[self.scale])
 
 
+# The AR prior's steps cost ~8x the DiT's on a CPU (4.6M parameters over 97 positions): at the tiny
+# budget it stays at chance (120 steps: colour 0.13, chance 0.10), so tiny trains the DDPM and flow
+# priors only (and no VQGAN); `priors=ddpm,flow,ar` adds it at any scale.
+PRESET_PRIORS: dict[str, tuple[str, ...]] = {"tiny": ("ddpm", "flow"), "medium": PRIORS, "small": PRIORS}
 SCALES: dict[str, dict[str, int]] = {
-    # tiny: the whole pipeline on a 2-core CPU; the flow prior long enough to draw the stated colour
-    # at the stated place (measured: colour 0.66, presence 0.99 on 200 held-out prompts; benchmarks/
-    # RESULTS.md, "Prior quality"). Over the old 15-minute budget: the wall time is not yet measured.
+    # tiny: the diffusion priors on a 2-core CPU in about 15 minutes, long enough to draw the stated
+    # colour at the stated place (benchmarks/RESULTS.md, "Prior quality" and "Demo wall time").
     "tiny": {"samples": 2000, "samples_per_shard": 250, "ae_steps": 1000, "vq_steps": 300, "ae_batch_size": 16,
              "prior_steps": 2000, "ar_steps": 120, "batch_size": 32, "scorer_steps": 2000, "eval_n": 200},
-    # medium: more data and steps for shapes and several objects (estimated at about an hour of a
-    # 2-core CPU; not yet run end to end).
+    # medium: more data and steps for shapes and several objects, and the AR prior (benchmarks/
+    # RESULTS.md, "Demo wall time").
     "medium": {"samples": 8000, "samples_per_shard": 1000, "ae_steps": 2000, "vq_steps": 1500, "ae_batch_size": 16,
                "prior_steps": 4000, "ar_steps": 1500, "batch_size": 32, "scorer_steps": 2000, "eval_n": 500},
     # small: the budget for a GPU machine or a long CPU job.

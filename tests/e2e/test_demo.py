@@ -20,7 +20,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
 # Long enough for the KL-VAE and the latent priors to learn colours (~4 of the test's minutes);
 # the VQGAN and AR prior only run through their stages.
 SIZES = ["samples=400", "samples_per_shard=100", "ae_steps=500", "vq_steps=6", "ae_batch_size=16", "prior_steps=400",
-         "ar_steps=6", "batch_size=32", "scorer_steps=500", "eval_n=200"]
+         "ar_steps=6", "batch_size=32", "scorer_steps=500", "eval_n=200",
+         "priors=[ddpm,flow,ar]"]
 COLOUR_CHANCE = 0.1  # 10 colours
 
 

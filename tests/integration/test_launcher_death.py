@@ -102,3 +102,51 @@ def test_ranks_die_with_their_launcher(tmp_path: Path, launcher: str, kill_group
         if store:  # DeepSpeed's CPU all-reduce buffers outlive SIGKILLed ranks (a known leak): remove them
             for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_{store.replace(':', '_')}_*"):
                 f.unlink(missing_ok=True)
+
+
+def test_ray_ranks_die_with_their_launcher(tmp_path: Path) -> None:
+    """``--launcher ray`` on one machine: the ``latentpipe train`` process is the Ray driver and its local
+    cluster's head. Its ranks are Ray Train workers (children of the raylet, not of the launcher), so
+    the parent-death signal does not reach them; their watchdog does. After SIGKILL of the driver no
+    rank or loader worker survives 30 s, and Ray's own processes exit after them."""
+    shards = make_image_shards(tmp_path / "data", 2, 16)
+    work, log = tmp_path / "run", tmp_path / "train.log"
+    env = _env()
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(_cmd(work, shards, "ray"), cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    procs: list[psutil.Process] = []
+    try:
+        keys = [work / "keys" / f"start-000000-rank-{r:05d}.jsonl" for r in (0, 1)]
+        deadline = time.monotonic() + WAIT
+        while not all(k.is_file() and len(k.read_text().splitlines()) >= 3 for k in keys):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        procs = tree(proc.pid)
+        def train_worker(p: psutil.Process | None) -> bool:
+            return p is not None and "RayTrainWorker" in " ".join(p.cmdline())
+
+        # Loader workers are forks of a rank and show its title too: a rank's parent is the raylet.
+        ranks = [p for p in procs if train_worker(p) and not train_worker(p.parent())]
+        assert len(ranks) == 2, [p.cmdline() for p in procs]
+        workers = [c for r in ranks for c in r.children(recursive=True)]
+        assert all(ip in LOOPBACK for ip, _, _ in listening(procs)), listening(procs)
+
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + SURVIVAL_LIMIT
+        while alive([*ranks, *workers]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        survivors = alive([*ranks, *workers])
+        assert not survivors, [(p.pid, p.cmdline()) for p in survivors]
+        deadline = time.monotonic() + WAIT  # Ray's head processes follow their dead driver
+        while alive(procs) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not alive(procs), [(p.pid, p.cmdline()[:3]) for p in alive(procs)]
+    finally:
+        for p in alive([*procs, *tree(proc.pid)]):
+            p.kill()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
