@@ -208,36 +208,57 @@ def _run_forwarding_sigterm(cmd: list[str], env: dict[str, str]) -> int:
 
 
 def _ray_worker(config: dict[str, Any]) -> None:
+    # The launcher's environment for its ranks, also when Ray was started by someone else (whose
+    # runtime_env is not ours).
+    os.environ.update(config["env"])
     guard_rank()
+    if os.environ.get(STORE_ENV):  # a single-machine run: no process group yet, join the driver's store
+        import torch
+        from ray import train as ray_train
+
+        ctx = ray_train.get_context()
+        # A GPU worker of a plain DataParallelTrainer sees only its own GPU: device 0 in this process.
+        local = ctx.get_local_rank() if torch.cuda.device_count() != 1 else 0
+        os.environ.update(RANK=str(ctx.get_world_rank()), WORLD_SIZE=str(ctx.get_world_size()),
+                          LOCAL_RANK=str(local), LOCAL_WORLD_SIZE=str(ctx.get_local_world_size()))
+        _join_launcher_store()
     cfg = load_config(TrainConfig, config["config_path"])
     train(cfg)
 
 
 def launch_ray(cfg: TrainConfig, config_path: Path, opts: LaunchOptions) -> int:
+    """Ray Train workers as ranks. On a new local cluster (no ``RAY_ADDRESS``) the ranks join a store
+    this driver hosts on 127.0.0.1 (Ray Train's own rank-0 store listens on every interface), so the
+    trainer is a plain ``DataParallelTrainer`` that leaves the process group to us; on a cluster,
+    ``TorchTrainer`` sets it up."""
     import ray
     import torch
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    # The plain trainer TorchTrainer derives from, in whichever Ray Train API version is active (V1/V2).
+    data_parallel: Any = next(c for c in TorchTrainer.__mro__ if c.__name__ == "DataParallelTrainer")
+
     use_gpu = torch.cuda.is_available() if opts.use_gpu is None else opts.use_gpu
     backend = cfg.deepspeed.backend if cfg.deepspeed.backend != "auto" else ("nccl" if use_gpu else "gloo")
     env = {k: os.environ[k] for k in ("DS_ACCELERATOR", "HF_HUB_OFFLINE", "MLFLOW_TRACKING_URI",
                                        "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING") if k in os.environ}
-    env.update(launcher_env())
-    if is_local(None):
-        env.setdefault("GLOO_SOCKET_IFNAME", os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
-    started = init_ray(None, runtime_env={"env_vars": env})
-    try:
-        trainer = TorchTrainer(
-            _ray_worker, train_loop_config={"config_path": str(config_path.resolve())},
-            scaling_config=ScalingConfig(num_workers=opts.nproc, use_gpu=use_gpu),
-            torch_config=TorchConfig(backend=backend),
-            run_config=RunConfig(name="latentpipe-train", storage_path=str((Path(cfg.workdir) / "ray").resolve()),
-                                 failure_config=FailureConfig(max_failures=0)))
-        trainer.fit()
-    finally:
-        if started:
-            ray.shutdown()
+    local = is_local(None)
+    with loopback_store() if local else contextlib.nullcontext() as port:
+        env.update(rank_env(port))
+        started = init_ray(None, runtime_env={"env_vars": env})
+        try:
+            common: dict[str, Any] = {
+                "train_loop_config": {"config_path": str(config_path.resolve()), "env": env},
+                "scaling_config": ScalingConfig(num_workers=opts.nproc, use_gpu=use_gpu),
+                "run_config": RunConfig(name="latentpipe-train", storage_path=str((Path(cfg.workdir) / "ray").resolve()),
+                                        failure_config=FailureConfig(max_failures=0))}
+            trainer = (data_parallel(_ray_worker, **common) if local
+                       else TorchTrainer(_ray_worker, torch_config=TorchConfig(backend=backend), **common))
+            trainer.fit()
+        finally:
+            if started:
+                ray.shutdown()
     return 0
 
 
