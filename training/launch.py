@@ -34,7 +34,7 @@ from typing import Any, Literal
 from latentpipe.preprocessing.config import load_config, save_config
 from latentpipe.preprocessing.local_ray import init_ray, is_local
 from latentpipe.training.config import TrainConfig
-from latentpipe.training.orphans import die_with_parent, guard_rank, launcher_env
+from latentpipe.training.orphans import die_with_parent, guard_rank, launcher_env, remove_stale_buffers
 
 log = logging.getLogger("latentpipe.train")
 Launcher = Literal["local", "torchrun", "deepspeed", "ray"]
@@ -280,6 +280,7 @@ def launch(cfg: TrainConfig, opts: LaunchOptions) -> int:
         command = torchrun_command if opts.launcher == "torchrun" else deepspeed_command
         if not single_node(opts):  # multi-node: the addresses the user gave
             return _run_forwarding_sigterm(command(path, opts), rank_env(None))
+        remove_stale_buffers()
         with loopback_store() as port:
             return _run_forwarding_sigterm(command(path, opts, port), rank_env(port))
     if opts.launcher == "ray":

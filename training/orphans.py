@@ -16,10 +16,12 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 import signal
 import socket
 import sys
 import threading
+from pathlib import Path
 
 log = logging.getLogger("latentpipe.train")
 LAUNCHER_ENV = "LATENTPIPE_LAUNCHER"  # "PID@HOST@START": the launcher process the ranks watch
@@ -87,6 +89,46 @@ def watch_launcher(value: str | None = None) -> threading.Thread | None:
     t = threading.Thread(target=run, name="latentpipe-launcher-watchdog", daemon=True)
     t.start()
     return t
+
+
+_SHM_BUFFER = re.compile(r"deepspeed_allreduce_buffer_(\d+)_127\.0\.0\.1_(\d+)_\d+")
+
+
+def remove_stale_buffers(shm: Path = Path("/dev/shm")) -> list[Path]:
+    """Delete DeepSpeed's CPU all-reduce buffers left in ``shm`` by this user's killed single-machine runs.
+
+    Every rank of a multi-rank CPU run maps ``deepspeed_allreduce_buffer_<uid>_<store addr>_<port>_<rank>``
+    (~70 MB) and unlinks it on a clean exit; a SIGKILLed rank cannot, and the memory stays taken
+    until reboot. A buffer is stale when nothing listens on its run's loopback store port any more:
+    ``latentpipe train`` hosts that store for the whole run, so a live run's buffers are never
+    touched. Returns the removed files.
+    """
+    import psutil
+
+    try:
+        names = [p for p in shm.iterdir() if _SHM_BUFFER.fullmatch(p.name)]
+    except OSError:
+        return []
+    if not names:
+        return []
+    live = {c.laddr.port for c in psutil.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr.ip in ("127.0.0.1", "::ffff:127.0.0.1", "0.0.0.0", "::")}
+    removed, size = [], 0
+    for p in names:
+        m = _SHM_BUFFER.fullmatch(p.name)
+        assert m is not None
+        if int(m.group(1)) == os.getuid() and int(m.group(2)) not in live:
+            try:
+                n = p.stat().st_size
+                p.unlink()
+            except OSError:
+                continue
+            removed.append(p)
+            size += n
+    if removed:
+        log.warning("removed %d DeepSpeed buffers (%.0f MB of shared memory) left in %s by killed runs",
+                    len(removed), size / 1e6, shm)
+    return removed
 
 
 def guard_rank() -> None:

@@ -21,6 +21,7 @@ import psutil
 import pytest
 
 from latentpipe.training.launch import _rank_processes
+from latentpipe.training.orphans import remove_stale_buffers
 from tests.integration.process_tree import LOOPBACK, alive, listening, tree
 from tests.shards import make_image_shards
 
@@ -93,6 +94,10 @@ def test_ranks_die_with_their_launcher(tmp_path: Path, launcher: str, kill_group
         while alive(procs) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not alive(procs), [(p.pid, p.cmdline()) for p in alive(procs)]
+        # What SIGKILLed ranks leave in /dev/shm, the next `latentpipe train` removes (remove_stale_buffers).
+        remove_stale_buffers()
+        left = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_{store.replace(':', '_')}_*"))
+        assert not left, left
     finally:
         for p in alive([*procs, *tree(proc.pid)]):
             p.kill()
