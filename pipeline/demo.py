@@ -129,7 +129,7 @@ class Demo:
             return True
         return False
 
-    def train(self, stage: str, config: str, workdir: Path, *overrides: str) -> Path:
+    def train(self, stage: str, config: str, workdir: Path, batch_size: int, *overrides: str) -> Path:
         export = workdir / "export" / "export.json"
         if not self.skip(stage, export):
             nproc = self.cfg.nproc or max(_gpus(), 2)
@@ -137,7 +137,7 @@ class Demo:
             self.latentpipe(stage, "train", str(self.configs / config), f"workdir={workdir}",
                             f"tracking.uri={self.tracking_uri}", f"tracking.experiment={EXPERIMENT}",
                             f"tracking.register_as=latentpipe-demo-{stage}",
-                            f"data.batch_size={self.cfg.batch_size}", f"seed={self.cfg.seed}", *overrides,
+                            f"data.batch_size={batch_size}", f"seed={self.cfg.seed}", *overrides,
                             "--launcher", "torchrun", "--nproc", str(nproc), *resume)
         self.made[stage] = str(workdir / "export")
         return workdir / "export"
@@ -157,17 +157,17 @@ class Demo:
         images = str(data / "images")
         def ae(steps: int) -> list[str]:
             return [f"steps={steps}", f"checkpoint.every_steps={max(steps // 2, 1)}", f"sample_every={steps}",
-                    f"data.shards={images}", f"data.batch_size={c.ae_batch_size}"]
+                    f"data.shards={images}"]
 
-        kl = self.train("kl-vae", "ae_kl_demo.yaml", root / "runs" / "kl-vae", *ae(c.ae_steps))
+        kl = self.train("kl-vae", "ae_kl_demo.yaml", root / "runs" / "kl-vae", c.ae_batch_size, *ae(c.ae_steps))
         vq = None
         if "ar" in c.priors:
-            vq = self.train("vqgan", "ae_vq_demo.yaml", root / "runs" / "vqgan", *ae(c.vq_steps))
+            vq = self.train("vqgan", "ae_vq_demo.yaml", root / "runs" / "vqgan", c.ae_batch_size, *ae(c.vq_steps))
         latents = self.encode(data, kl, vq, ray)
         for kind in c.priors:
             steps = c.ar_steps if kind == "ar" else c.prior_steps
             refs = [f"model.vqgan={vq}"] if kind == "ar" else [f"model.vae={kl}"]
-            self.train(kind, f"prior_{kind}_demo.yaml", root / "runs" / kind, f"steps={steps}",
+            self.train(kind, f"prior_{kind}_demo.yaml", root / "runs" / kind, c.batch_size, f"steps={steps}",
                        f"checkpoint.every_steps={max(steps // 2, 1)}", f"sample_every={steps}",
                        f"data.shards={latents}", *refs)
         self.evaluate()
