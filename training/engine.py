@@ -23,8 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import signal
-import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -42,7 +40,7 @@ from latentpipe.training.ema import ShardedEMA
 from latentpipe.training.export import consolidated_state_dict, publish, run_lineage
 from latentpipe.training.families import Family, family_for_data
 from latentpipe.training.monitor import TrainMonitor, quiet_known_noise
-from latentpipe.training.pending import Pending, StopPoll
+from latentpipe.training.pending import Pending, SigtermFlag, StopPoll
 from latentpipe.training.safe_load import weights_only_loads
 from latentpipe.training.throughput import flops_per_sample, mfu, peak_flops
 from latentpipe.training.tracking import Tracker, default_run_name, git_commit
@@ -76,26 +74,6 @@ class TrainResult:
     data_waits: list[float] = field(default_factory=list)  # seconds blocked on the loader per step
 
 
-class _StopFlag:
-    """Set by SIGTERM; handlers only in the main thread (Ray Train runs the loop in a worker thread)."""
-
-    def __init__(self) -> None:
-        self.set = False
-        self._old: Any = None
-
-    def install(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        log.warning("SIGTERM: saving a checkpoint at the end of this step, then exiting")
-        self.set = True
-
-    def uninstall(self) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
-
-
 def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -114,7 +92,7 @@ class Trainer:
         self.cfg = cfg
         quiet_known_noise()
         t0 = time.perf_counter()
-        self.stop = _StopFlag()
+        self.stop = SigtermFlag()
         self.stop.install()  # a preemption during the (slow) start-up is honoured after the first step
         self.di = dist_info or setup_distributed(cfg.deepspeed.backend)
         self.workdir = Path(cfg.workdir)

@@ -1,18 +1,23 @@
 """What the step loop keeps on the device between log points, and the preemption poll.
 
 ``Pending`` holds one step's logs and non-finite flag as device tensors until the trainer's next
-log point reads them all in one transfer; ``StopPoll`` lets all ranks agree on a SIGTERM without
-the loop waiting for the device.
+log point reads them all in one transfer; ``SigtermFlag`` notes a SIGTERM (preemption) and
+``StopPoll`` lets all ranks agree on it without the loop waiting for the device.
 """
 
 from __future__ import annotations
 
+import logging
+import signal
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("latentpipe.train")
 
 
 @dataclass
@@ -37,11 +42,31 @@ class Pending:
         return logs, bad
 
 
+class SigtermFlag:
+    """Set by SIGTERM; handlers only in the main thread (Ray Train runs the loop in a worker thread)."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self._old: Any = None
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        log.warning("SIGTERM: saving a checkpoint at the end of this step, then exiting")
+        self.set = True
+
+    def uninstall(self) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
 class StopPoll:
     """All ranks agree on a SIGTERM without stalling the device: the flags are all-reduced (MAX) at
     the end of step N and read at the end of step N+1 (one rank: the flag itself, no collective)."""
 
-    def __init__(self, flag: Any, device: torch.device, world_size: int) -> None:
+    def __init__(self, flag: SigtermFlag, device: torch.device, world_size: int) -> None:
         self.flag, self.device, self.world_size = flag, device, world_size
         self._prev: tuple[torch.Tensor, Any] | None = None
 
@@ -64,4 +89,4 @@ class StopPoll:
         return bool(prev[0][0] > 0)
 
 
-__all__ = ["Pending", "StopPoll"]
+__all__ = ["Pending", "SigtermFlag", "StopPoll"]
