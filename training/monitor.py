@@ -9,10 +9,14 @@ line. The loss and MFU are those of the last log point (the loop reads the devic
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import resource
+import sys
 import time
 import warnings
+from collections.abc import Iterator
 
 import torch
 
@@ -53,6 +57,21 @@ def quiet_known_noise() -> None:
     for name in ("all_gather_into_tensor", "reduce_scatter_tensor"):
         warnings.filterwarnings("ignore", message=rf"`torch\.distributed\.{name}` is deprecated",
                                 category=FutureWarning)
+
+
+@contextlib.contextmanager
+def drop_known_prints(*known: str) -> Iterator[None]:
+    """Run a block with Python's stdout captured, then print back every line except those containing
+    one of ``known`` (third-party ``print`` noise, e.g. DeepSpeed's "... built successfully" on
+    every rank's start). Output written to the file descriptor directly (a compiler's) is not
+    captured, so nothing else is hidden."""
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            yield
+    finally:
+        sys.stdout.writelines(line for line in buf.getvalue().splitlines(keepends=True)
+                              if not any(k in line for k in known))
 
 
 class TrainMonitor:

@@ -29,6 +29,7 @@ from torch import nn
 
 from latentpipe.preprocessing.config import ConfigError
 from latentpipe.training.config import TrainConfig, merge_into
+from latentpipe.training.monitor import drop_known_prints
 
 log = logging.getLogger("latentpipe.train")
 
@@ -63,7 +64,10 @@ def setup_distributed(backend: str = "auto") -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend=chosen, auto_mpi_discovery=False, verbose=False, timeout=timeout)
+    # DeepSpeed prints "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully" per rank and
+    # per start (it loads a cached op); the line tells a user nothing.
+    with drop_known_prints("deepspeed_shm_comm_op built successfully"):
+        deepspeed.init_distributed(dist_backend=chosen, auto_mpi_discovery=False, verbose=False, timeout=timeout)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, dist.get_backend())
 
