@@ -1,5 +1,6 @@
-"""The whole pipeline on embedded defaults: synthetic scenes -> shard -> KL-VAE + VQGAN ->
-encode -> diffusion, flow and autoregressive priors -> eval -> sample grids.
+"""The whole pipeline on embedded defaults: synthetic scenes -> shard -> KL-VAE (+ VQGAN) ->
+encode -> diffusion and flow (+ autoregressive) priors -> eval -> sample grids. The AR prior and
+its VQGAN run at ``--scale medium`` and ``small``, or with ``priors=[ddpm,flow,ar]``.
 
 Every stage runs the real ``latentpipe`` command in a subprocess and leaves its real outputs
 in the workdir; a stage whose outputs are complete is skipped on a rerun (``fresh`` redoes
@@ -71,15 +72,15 @@ class DemoConfig:
 
 # The AR prior's steps cost ~8x the DiT's on a CPU (4.6M parameters over 97 positions): at the tiny
 # budget it stays at chance (120 steps: colour 0.13, chance 0.10), so tiny trains the DDPM and flow
-# priors only (and no VQGAN); `priors=ddpm,flow,ar` adds it at any scale.
+# priors only (and no VQGAN); `priors=[ddpm,flow,ar]` adds it at any scale.
 PRESET_PRIORS: dict[str, tuple[str, ...]] = {"tiny": ("ddpm", "flow"), "medium": PRIORS, "small": PRIORS}
 SCALES: dict[str, dict[str, int]] = {
-    # tiny: the diffusion priors on a 2-core CPU in about 15 minutes, long enough to draw the stated
+    # tiny: the diffusion priors on a 2-core CPU within 15 minutes, long enough to draw the stated
     # colour at the stated place (benchmarks/RESULTS.md, "Prior quality" and "Demo wall time").
     "tiny": {"samples": 2000, "samples_per_shard": 250, "ae_steps": 1000, "vq_steps": 300, "ae_batch_size": 16,
-             "prior_steps": 2000, "ar_steps": 120, "batch_size": 32, "scorer_steps": 2000, "eval_n": 200},
-    # medium: more data and steps for shapes and several objects, and the AR prior (benchmarks/
-    # RESULTS.md, "Demo wall time").
+             "prior_steps": 1800, "ar_steps": 120, "batch_size": 32, "scorer_steps": 2000, "eval_n": 200},
+    # medium: more data and steps for shapes and several objects, and the AR prior: about an hour of a
+    # 2-core CPU, best caption accuracy 0.72 (benchmarks/RESULTS.md, "Prior quality", "Demo wall time").
     "medium": {"samples": 8000, "samples_per_shard": 1000, "ae_steps": 2000, "vq_steps": 1500, "ae_batch_size": 16,
                "prior_steps": 4000, "ar_steps": 1500, "batch_size": 32, "scorer_steps": 2000, "eval_n": 500},
     # small: the budget for a GPU machine or a long CPU job.

@@ -1,5 +1,5 @@
-"""Run the whole pipeline on embedded defaults: synthetic scenes -> shard -> KL-VAE and VQGAN ->
-encode -> diffusion, flow and autoregressive priors (DeepSpeed, 2 CPU ranks or the GPUs present)
+"""Run the whole pipeline on embedded defaults: synthetic scenes -> shard -> KL-VAE (and VQGAN) ->
+encode -> diffusion and flow (and autoregressive) priors (DeepSpeed, 2 CPU ranks or the GPUs present)
 -> eval -> sample grids, all tracked and registered in MLflow. A rerun skips complete stages."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 from latentpipe.pipeline.cli import add_config_arguments, print_config_and_exit, resolve_config
 
 NAME = "demo"
-HELP = "run every stage on built-in data: shards, autoencoders, latents, three priors, eval, samples"
+HELP = "run every stage on built-in data: shards, autoencoders, latents, priors, eval, samples"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
