@@ -33,9 +33,6 @@ def init_ray(address: str | None = None, **kwargs: Any) -> bool:
         return True
     # Read by ray._private.ray_constants at import and by every process the local cluster starts.
     os.environ[_SINGLE_MACHINE] = "0"
-    # Ray's default for a new local cluster (token authentication on), said explicitly: the same
-    # security without the warning it prints on every start when the mode is left unset.
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
     from ray._private import ray_constants
 
