@@ -78,7 +78,7 @@ SCALES: dict[str, dict[str, int]] = {
     # tiny: the diffusion priors on a 2-core CPU within 15 minutes, long enough to draw the stated
     # colour at the stated place (benchmarks/RESULTS.md, "Prior quality" and "Demo wall time").
     "tiny": {"samples": 2000, "samples_per_shard": 250, "ae_steps": 1000, "vq_steps": 300, "ae_batch_size": 16,
-             "prior_steps": 1800, "ar_steps": 120, "batch_size": 32, "scorer_steps": 2000, "eval_n": 200},
+             "prior_steps": 2000, "ar_steps": 120, "batch_size": 32, "scorer_steps": 1500, "eval_n": 200},
     # medium: more data and steps for shapes and several objects, and the AR prior: about an hour of a
     # 2-core CPU, best caption accuracy 0.72 (benchmarks/RESULTS.md, "Prior quality", "Demo wall time").
     "medium": {"samples": 8000, "samples_per_shard": 1000, "ae_steps": 2000, "vq_steps": 1500, "ae_batch_size": 16,

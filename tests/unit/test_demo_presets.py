@@ -9,7 +9,7 @@ from latentpipe.pipeline.demo import PRESET_PRIORS, PRIORS, SCALES, DemoConfig
 
 def test_tiny_trains_the_diffusion_priors_and_medium_adds_ar() -> None:
     tiny = DemoConfig(workdir="w")
-    assert tiny.priors == ["ddpm", "flow"] and tiny.prior_steps == SCALES["tiny"]["prior_steps"] == 1800
+    assert tiny.priors == ["ddpm", "flow"] and tiny.prior_steps == SCALES["tiny"]["prior_steps"] == 2000
     assert DemoConfig(workdir="w", scale="medium").priors == list(PRIORS) == ["ddpm", "flow", "ar"]
     assert set(PRESET_PRIORS) == set(SCALES)
 
