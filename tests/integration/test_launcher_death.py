@@ -47,26 +47,56 @@ def _cmd(work: Path, shards: Path, launcher: str) -> list[str]:
             "tracking.enabled=false", "--launcher", launcher, "--nproc", "2"]
 
 
-@pytest.mark.parametrize(("launcher", "kill_group"), [("torchrun", True), ("deepspeed", False)])
-def test_ranks_die_with_their_launcher(tmp_path: Path, launcher: str, kill_group: bool) -> None:
+def _start(tmp_path: Path, launcher: str, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    """A 2-rank training in its own session, its log in a file; returns once both ranks have run 3 steps."""
     shards = make_image_shards(tmp_path / "data", 2, 16)
     work, log = tmp_path / "run", tmp_path / "train.log"
     with open(log, "wb") as f:
-        proc = subprocess.Popen(_cmd(work, shards, launcher), cwd=ROOT, env=_env(), stdout=f,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(_cmd(work, shards, launcher), cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    keys = [work / "keys" / f"start-000000-rank-{r:05d}.jsonl" for r in (0, 1)]
+    deadline = time.monotonic() + WAIT
+    while not all(k.is_file() and len(k.read_text().splitlines()) >= 3 for k in keys):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _cleanup(proc, [])
+            pytest.fail(log.read_text()[-3000:])
+        time.sleep(0.1)
+    return proc, work, shards
+
+
+def _assert_gone(ranks: list[psutil.Process], procs: list[psutil.Process]) -> None:
+    """No rank or loader worker (``ranks``) outlives its launcher by SURVIVAL_LIMIT, and the rest of the
+    tree (``procs``) exits after them."""
+    deadline = time.monotonic() + SURVIVAL_LIMIT
+    while alive(ranks) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    survivors = alive(ranks)
+    assert not survivors, [(p.pid, p.cmdline()) for p in survivors]
+    deadline = time.monotonic() + WAIT
+    while alive(procs) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive(procs), [(p.pid, p.cmdline()[:3]) for p in alive(procs)]
+
+
+def _cleanup(proc: subprocess.Popen[bytes], procs: list[psutil.Process]) -> None:
+    for p in alive([*procs, *tree(proc.pid)]):
+        p.kill()
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize(("launcher", "kill_group"), [("torchrun", True), ("deepspeed", False)])
+def test_ranks_die_with_their_launcher(tmp_path: Path, launcher: str, kill_group: bool) -> None:
+    proc, work, shards = _start(tmp_path, launcher, _env())
     procs: list[psutil.Process] = []
     store = None
     try:
-        keys = [work / "keys" / f"start-000000-rank-{r:05d}.jsonl" for r in (0, 1)]
-        deadline = time.monotonic() + WAIT
-        while not all(k.is_file() and len(k.read_text().splitlines()) >= 3 for k in keys):
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.1)
         procs = tree(proc.pid)
         ranks = _rank_processes(proc.pid)
         assert len(ranks) == 2, [p.cmdline() for p in procs]
-        workers = [c for r in ranks for c in r.children(recursive=True)]  # data-loader workers
         store = ranks[0].environ()["LATENTPIPE_STORE"]  # "127.0.0.1:PORT", also names DeepSpeed's shm
+        workers = [c for r in ranks for c in r.children(recursive=True)]
 
         ports = listening(procs)
         assert ports, "the launcher's rendezvous store should be listening"
@@ -84,26 +114,14 @@ def test_ranks_die_with_their_launcher(tmp_path: Path, launcher: str, kill_group
         else:
             proc.kill()
         proc.wait()
-        deadline = time.monotonic() + SURVIVAL_LIMIT
-        while alive([*ranks, *workers]) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        survivors = alive([*ranks, *workers])
-        assert not survivors, [(p.pid, p.cmdline()) for p in survivors]
-        # DeepSpeed's launch.py (not a rank) exits on its own once its ranks are gone (it polls them)
-        deadline = time.monotonic() + WAIT
-        while alive(procs) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not alive(procs), [(p.pid, p.cmdline()) for p in alive(procs)]
+        # DeepSpeed's launch.py (not a rank) exits on its own once its ranks are gone (it polls them).
+        _assert_gone([*ranks, *workers], procs)
         # What SIGKILLed ranks leave in /dev/shm, the next `latentpipe train` removes (remove_stale_buffers).
         remove_stale_buffers()
         left = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_{store.replace(':', '_')}_*"))
         assert not left, left
     finally:
-        for p in alive([*procs, *tree(proc.pid)]):
-            p.kill()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _cleanup(proc, procs)
         if store:  # DeepSpeed's CPU all-reduce buffers outlive SIGKILLed ranks (a known leak): remove them
             for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_{store.replace(':', '_')}_*"):
                 f.unlink(missing_ok=True)
@@ -114,21 +132,12 @@ def test_ray_ranks_die_with_their_launcher(tmp_path: Path) -> None:
     cluster's head. Its ranks are Ray Train workers (children of the raylet, not of the launcher), so
     the parent-death signal does not reach them; their watchdog does. After SIGKILL of the driver no
     rank or loader worker survives 30 s, and Ray's own processes exit after them."""
-    shards = make_image_shards(tmp_path / "data", 2, 16)
-    work, log = tmp_path / "run", tmp_path / "train.log"
-    env = _env()
-    env["RAY_USAGE_STATS_ENABLED"] = "0"
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(_cmd(work, shards, "ray"), cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    env = {**_env(), "RAY_USAGE_STATS_ENABLED": "0"}
+    proc, _, _ = _start(tmp_path, "ray", env)
     procs: list[psutil.Process] = []
     try:
-        keys = [work / "keys" / f"start-000000-rank-{r:05d}.jsonl" for r in (0, 1)]
-        deadline = time.monotonic() + WAIT
-        while not all(k.is_file() and len(k.read_text().splitlines()) >= 3 for k in keys):
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.2)
         procs = tree(proc.pid)
+
         def train_worker(p: psutil.Process | None) -> bool:
             return p is not None and "RayTrainWorker" in " ".join(p.cmdline())
 
@@ -141,18 +150,6 @@ def test_ray_ranks_die_with_their_launcher(tmp_path: Path) -> None:
 
         proc.kill()
         proc.wait()
-        deadline = time.monotonic() + SURVIVAL_LIMIT
-        while alive([*ranks, *workers]) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        survivors = alive([*ranks, *workers])
-        assert not survivors, [(p.pid, p.cmdline()) for p in survivors]
-        deadline = time.monotonic() + WAIT  # Ray's head processes follow their dead driver
-        while alive(procs) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert not alive(procs), [(p.pid, p.cmdline()[:3]) for p in alive(procs)]
+        _assert_gone([*ranks, *workers], procs)  # Ray's head processes follow their dead driver
     finally:
-        for p in alive([*procs, *tree(proc.pid)]):
-            p.kill()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _cleanup(proc, procs)
