@@ -272,6 +272,8 @@ def launch(cfg: TrainConfig, opts: LaunchOptions) -> int:
         train(cfg)
         return 0
     path = write_config(cfg)
+    if single_node(opts):  # what SIGKILLed ranks of earlier runs on this machine left in /dev/shm
+        remove_stale_buffers()
     # torchrun's own default (one OpenMP thread per rank when it starts several), set here so it
     # does not print its banner about choosing it.
     if opts.nproc > 1:
@@ -280,7 +282,6 @@ def launch(cfg: TrainConfig, opts: LaunchOptions) -> int:
         command = torchrun_command if opts.launcher == "torchrun" else deepspeed_command
         if not single_node(opts):  # multi-node: the addresses the user gave
             return _run_forwarding_sigterm(command(path, opts), rank_env(None))
-        remove_stale_buffers()
         with loopback_store() as port:
             return _run_forwarding_sigterm(command(path, opts, port), rank_env(port))
     if opts.launcher == "ray":
