@@ -6,8 +6,9 @@
 Each run is a fresh subprocess (``--worker trainer|bare``), alternating bare, trainer, bare,
 trainer ... so both see the same machine load. The trainer is ``latentpipe.training.engine.Trainer`` (real
 image or latent shards, the WebDataset loader, DeepSpeed, EMA on, tracking and checkpoints
-off); the bare loop is the family's loss, ``backward``, torch's multi-tensor clip and fused AdamW
-on one in-memory batch from the same shards. Every step appends a JSONL row to DIR/steps.jsonl
+off); the bare loop is the same recipe by hand: the family's loss, ``backward``, torch's multi-tensor
+clip, fused AdamW and (when the config's EMA is on) a multi-tensor lerp of an fp32 EMA, on one
+in-memory batch from the same shards. Every step appends a JSONL row to DIR/steps.jsonl
 (so a timeout keeps what was measured): wall time per step and host seconds per phase (data,
 loss, backward, overflow check, norm, optimizer, EMA, syncs: the trainer's methods timed by
 wrappers installed here), and for a few steps the ``torch.profiler`` busy time (CPU: self time
@@ -179,6 +180,9 @@ def worker_bare(args: argparse.Namespace, shards: Path, out: Path) -> None:
         modules = {k: m.to(torch.bfloat16) for k, m in modules.items()}  # what DeepSpeed's bf16 computes in
         params = [p for p in modules["model"].parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.optim.lr, fused=True)
+    # The same EMA the trainer keeps, by hand (a multi-tensor lerp toward the weights every
+    # ``ema.every`` steps), so the ratio is what the trainer adds, not what the recipe costs.
+    ema = [p.detach().float().clone() for p in params] if cfg.ema.enabled else []
     rec = Recorder(out, "bare", args.round, cfg.data.batch_size, _sync)
     for i in range(args.steps):
         rec.boundary()
@@ -192,7 +196,11 @@ def worker_bare(args: argparse.Namespace, shards: Path, out: Path) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
         t4 = time.perf_counter()
-        PHASES.update({"loss": t1 - t0, "backward": t2 - t1, "norm": t3 - t2, "optimizer": t4 - t3})
+        if ema and (i + 1) % cfg.ema.every == 0:
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, [p.float() for p in params], 1.0 - cfg.ema.decay ** cfg.ema.every)
+        t5 = time.perf_counter()
+        PHASES.update({"loss": t1 - t0, "backward": t2 - t1, "norm": t3 - t2, "optimizer": t4 - t3, "ema": t5 - t4})
     rec.boundary()
 
 

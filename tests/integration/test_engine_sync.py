@@ -1,6 +1,7 @@
 """The step loop never reads the device on the host between two log points (1 rank, CPU): every
 ``item()``/``float()``/``bool()``/``int()``/``tolist()`` on a tensor is counted with a torch
-function mode, and where in the trainer it happened; a skipped non-finite step stays exact."""
+function mode, and where in the trainer it happened; a skipped non-finite step stays exact; and
+alone at ZeRO-0, DeepSpeed's after-backward gradient all-reduce does not run."""
 
 from __future__ import annotations
 
@@ -54,9 +55,21 @@ def test_no_host_read_between_log_points(stage: int, tmp_path: Path) -> None:
         "checkpoint.export=false", "ema.start_step=0", "tracking.enabled=false", "eval_every=0",
         "model.nan_loss_steps=[2]"])
     trainer = Trainer(cfg)
+    engine = trainer.engines["model"]
+    reduces: list[int] = []
+    reduce = engine.allreduce_gradients
+
+    def counted(*a: Any, **k: Any) -> Any:
+        reduces.append(trainer.step)
+        return reduce(*a, **k)
+
+    engine.allreduce_gradients = counted
     mode = HostReads(trainer)
     with mode:
         res = trainer.run()
+    # Alone at ZeRO-0 the all-reduce would flatten, "reduce" and copy back every gradient for
+    # nothing; ZeRO-2 (even alone) moves the gradients into its partitions there, so it runs.
+    assert reduces == ([] if stage == 0 else list(range(cfg.steps))), reduces
     # The step loop (steps 1-7, after the FLOP count of step 0; the run's end saves a checkpoint)
     # reads nothing on the host but in _flush, at the log point after step 4. At ZeRO-0 that holds
     # for DeepSpeed's step too; ZeRO-1/2 (stage 2 runs as 1 at one rank) read the gradient norm
