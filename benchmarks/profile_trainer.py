@@ -8,7 +8,7 @@ trainer ... so both see the same machine load. The trainer is ``latentpipe.train
 image or latent shards, the WebDataset loader, DeepSpeed, EMA on, tracking and checkpoints
 off); the bare loop is the same recipe by hand: the family's loss, ``backward``, torch's multi-tensor
 clip, fused AdamW and (when the config's EMA is on) a multi-tensor lerp of an fp32 EMA, on one
-in-memory batch from the same shards. Every step appends a JSONL row to DIR/steps.jsonl
+in-memory batch from the same shards (bf16: a bf16 module with fp32 master weights, as DeepSpeed). Every step appends a JSONL row to DIR/steps.jsonl
 (so a timeout keeps what was measured): wall time per step and host seconds per phase (data,
 loss, backward, overflow check, norm, optimizer, EMA, syncs: the trainer's methods timed by
 wrappers installed here), and for a few steps the ``torch.profiler`` busy time (CPU: self time
@@ -170,19 +170,23 @@ def worker_bare(args: argparse.Namespace, shards: Path, out: Path) -> None:
     torch.manual_seed(cfg.seed)
     modules = {k: m.to(device) for k, m in fam.build().items()}
     params = [p for p in modules["model"].parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
-                            weight_decay=cfg.optim.weight_decay, fused=True)
     it = ShardStream(cfg.data, 0, 1).batches(0)
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in next(it).items()}
     del it
+    # bf16 as DeepSpeed does it, by hand: the module computes in bf16, AdamW updates fp32 masters
+    # (fed the bf16 gradients, upcast), and the weights are copied back; fp32: the weights are the masters.
     bf16 = cfg.deepspeed.precision == "bf16"
     if bf16:
-        modules = {k: m.to(torch.bfloat16) for k, m in modules.items()}  # what DeepSpeed's bf16 computes in
+        masters = [p.detach().float().clone() for p in params]
+        modules = {k: m.to(torch.bfloat16) for k, m in modules.items()}
         params = [p for p in modules["model"].parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=cfg.optim.lr, fused=True)
-    # The same EMA the trainer keeps, by hand (a multi-tensor lerp toward the weights every
+    else:
+        masters = params
+    opt = torch.optim.AdamW(masters, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+                            weight_decay=cfg.optim.weight_decay, fused=True)
+    # The same EMA the trainer keeps, by hand (a multi-tensor lerp of the fp32 masters every
     # ``ema.every`` steps), so the ratio is what the trainer adds, not what the recipe costs.
-    ema = [p.detach().float().clone() for p in params] if cfg.ema.enabled else []
+    ema = [m.detach().clone() for m in masters] if cfg.ema.enabled else []
     rec = Recorder(out, "bare", args.round, cfg.data.batch_size, _sync)
     for i in range(args.steps):
         rec.boundary()
@@ -191,14 +195,22 @@ def worker_bare(args: argparse.Namespace, shards: Path, out: Path) -> None:
         t1 = time.perf_counter()
         loss.backward()
         t2 = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip, foreach=True)
+        if bf16:
+            for m, p in zip(masters, params):
+                m.grad = p.grad.float()
+        torch.nn.utils.clip_grad_norm_(masters, cfg.optim.grad_clip, foreach=True)
         t3 = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if bf16:
+            with torch.no_grad():
+                torch._foreach_copy_(params, masters)
+            for p in params:
+                p.grad = None
         t4 = time.perf_counter()
         if ema and (i + 1) % cfg.ema.every == 0:
             with torch.no_grad():
-                torch._foreach_lerp_(ema, [p.float() for p in params], 1.0 - cfg.ema.decay ** cfg.ema.every)
+                torch._foreach_lerp_(ema, masters, 1.0 - cfg.ema.decay ** cfg.ema.every)
         t5 = time.perf_counter()
         PHASES.update({"loss": t1 - t0, "backward": t2 - t1, "norm": t3 - t2, "optimizer": t4 - t3, "ema": t5 - t4})
     rec.boundary()

@@ -13,9 +13,9 @@ the fp32 master fragment it owns, and updates it in place from that fragment (no
   partition, and ``hp_fragment`` is a view of it.
 - ZeRO-3: each parameter's partition ``ds_tensor`` (rank r holds [r*P, (r+1)*P), padded)
   has its fp32 copy at ``grad_position`` in the optimizer's ``fp32_partitioned_groups_flat``.
-- Fallback (ZeRO-0 in fp32/fp16: no fp32 partitions exist): rank r keeps the slice
-  [r*P, (r+1)*P) of each replicated parameter, P = ceil(numel / world), read from the
-  parameter itself (fp32: the master; fp16: the fp16 weights, upcast).
+- ZeRO-0 (no fp32 partitions exist): rank r keeps the slice [r*P, (r+1)*P) of each
+  replicated parameter, P = ceil(numel / world), read from its fp32 master: the parameter
+  itself in fp32; in bf16/fp16 its piece of DeepSpeed's replicated ``fp32_groups_flat``.
 
 Checkpoints store each rank's fragments by parameter name and offset, so they reload at
 any world size and ZeRO stage (a rank reads the overlapping pieces of every stored file).
@@ -92,12 +92,20 @@ def master_fragments(engine: Any) -> tuple[str, list[Fragment]]:
             src = hm.hp_fragment.view(-1)
             out.append(Fragment(name, int(addr.start), int(addr.numel), p.numel(), tuple(p.shape), src))
         return "hp", out
+    masters = {id(p): p.data.view(-1) for _, p in named}
+    # bf16/fp16 at ZeRO-0: DeepSpeed's fp16 optimizers keep the fp32 masters per group, as one flat
+    # tensor (fused: ``fp32_groups_flat``) or one tensor per parameter (``fp32_groups``), in order.
+    for fp32, group in zip(getattr(opt, "fp32_groups_flat", None) or getattr(opt, "fp32_groups", []),
+                           getattr(opt, "fp16_groups", [])):
+        pieces = fp32.detach().split([p.numel() for p in group]) if isinstance(fp32, torch.Tensor) else fp32
+        for p, master in zip(group, pieces, strict=True):
+            masters[id(p)] = master.detach().view(-1)
     for name, p in named:
         n = p.numel()
         part = math.ceil(n / world)
         start = min(rank * part, n)
         valid = max(0, min(part, n - start))
-        out.append(Fragment(name, start, valid, n, tuple(p.shape), p.data.view(-1).narrow(0, start, valid)))
+        out.append(Fragment(name, start, valid, n, tuple(p.shape), masters[id(p)].narrow(0, start, valid)))
     return "replicated", out
 
 

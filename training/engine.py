@@ -235,7 +235,7 @@ class Trainer:
         state = {
             "world_size": self.di.world_size, "parts": sorted(self.engines),
             "zero_stage": self.cfg.deepspeed.zero_stage, "precision": self.cfg.deepspeed.precision,
-            "partitioned": any(uses_fp32_partitions(e) for e in self.engines.values()),
+            "partitioned": any(e.zero_optimization() for e in self.engines.values()),  # per-rank ZeRO files
             "data": self.stream.state_dict(self.step * self.cfg.deepspeed.grad_accum),
             "nonfinite_steps": self.nonfinite, "ema": self.ema.state() if self.ema else None,
             "family": self.family.name, "config_hash": config_hash(self.cfg), "flops_per_sample": self._flops,

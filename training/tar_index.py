@@ -27,6 +27,7 @@ import io
 import json
 import logging
 import os
+import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -155,8 +156,15 @@ def _save(idx: TarIndex, dest: Path) -> None:
     os.replace(tmp, dest)
 
 
+# numpy parses each .npy header with ast.literal_eval; in this suite CPython 3.11.7 once raised
+# "SystemError: AST constructor recursion depth mismatch" there while build_index's threads read
+# cached indexes at once (its AST validator's depth count is per-thread state): one reader at a
+# time. Reading a cached index is small next to scanning a tar, which stays parallel.
+_NPZ_READ = threading.Lock()
+
+
 def _load(path: str, src: Path) -> TarIndex:
-    with np.load(src, allow_pickle=False) as z:
+    with _NPZ_READ, np.load(src, allow_pickle=False) as z:
         problems = Counter({str(r): int(c) for r, c in zip(z["reasons"], z["counts"])})
         return TarIndex(path, [str(n) for n in z["names"]], z["offsets"].astype(np.int64),
                         z["sizes"].astype(np.int64), problems)

@@ -4,8 +4,8 @@ ZeRO (Rajbhandari et al. 2020) stage 0-3, optimizer/parameter offload, bf16/fp16
 gradient accumulation and clipping come from ``TrainConfig.deepspeed``/``optim``; the LR
 schedule is DeepSpeed's ``WarmupCosineLR`` (linear warmup, cosine decay to a floor).
 
-Settings per world size and precision (``effective_stage``, ``ds_config``): in fp32 at one rank
-ZeRO-1/2 run as ZeRO-0 (nothing to partition; ``deepspeed.auto_stage``); alone at ZeRO-0 the
+Settings per world size and precision (``effective_stage``, ``ds_config``): in fp32 or bf16 at one
+rank ZeRO-1/2 run as ZeRO-0 (nothing to partition; ``deepspeed.auto_stage``); alone at ZeRO-0 the
 engine skips its after-backward gradient all-reduce (a flatten-and-copy-back of every gradient that
 changed nothing cost this CPU a third of a step at 21.8M parameters); DeepSpeed's synchronized
 throughput timer is off; the optimizer is torch's fused AdamW built here (``client_optimizer``),
@@ -78,10 +78,12 @@ def effective_stage(cfg: TrainConfig, world_size: int, resumed: Mapping[str, Any
     """The ZeRO stage the trainer's engines run at ``world_size``, resuming from a checkpoint whose
     state is ``resumed`` (or None).
 
-    With ``deepspeed.auto_stage`` ZeRO-1/2 in fp32 at one rank run as ZeRO-0: with nothing to
-    partition across, their flat fp32 copies, per-tensor norm and gradient copies are pure
-    overhead. Such checkpoints are not partitioned, so they resume at one rank, or at more ranks
-    with ``zero_stage=0`` (ZeRO-1/2 reload only partitioned optimizer state: a ConfigError).
+    With ``deepspeed.auto_stage`` ZeRO-1/2 in fp32 or bf16 at one rank run as ZeRO-0: with
+    nothing to partition across, their gradient hooks, buckets and flat copies are pure overhead.
+    Such checkpoints hold no per-rank ZeRO files (at ZeRO-0 the optimizer state, bf16's fp32
+    masters included, is replicated and saved whole by rank 0; nothing for DeepSpeed's universal
+    checkpoint to convert): they resume at one rank, or at more ranks with ``zero_stage=0``
+    (ZeRO-1/2 reload only partitioned optimizer state: a ConfigError before any engine is built).
     """
     ds = cfg.deepspeed
     stage = ds.zero_stage
@@ -91,7 +93,8 @@ def effective_stage(cfg: TrainConfig, world_size: int, resumed: Mapping[str, Any
                           f"optimizer state (ZeRO-0; at one rank deepspeed.auto_stage runs ZeRO-1/2 as ZeRO-0): "
                           f"resume it at 1 rank or with deepspeed.zero_stage=0 (or train 1-rank runs meant "
                           f"to grow with deepspeed.auto_stage=false)")
-    auto = ds.auto_stage and world_size == 1 and stage in (1, 2) and ds.precision == "fp32" and not ds.offload_optimizer
+    auto = (ds.auto_stage and world_size == 1 and stage in (1, 2) and ds.precision in ("fp32", "bf16")
+            and not ds.offload_optimizer)
     if auto and (resumed is None or unpartitioned):
         return 0
     return stage

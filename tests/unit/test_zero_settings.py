@@ -20,7 +20,9 @@ def _cfg(*overrides: str) -> TrainConfig:
     (["deepspeed.zero_stage=1"], 1, 0),
     (["deepspeed.zero_stage=2"], 2, 2),
     (["deepspeed.zero_stage=3"], 1, 3),
-    (["deepspeed.zero_stage=2", "deepspeed.precision=bf16"], 1, 2),
+    (["deepspeed.zero_stage=2", "deepspeed.precision=bf16"], 1, 0),  # bf16 too (fp32 masters replicated)
+    (["deepspeed.zero_stage=2", "deepspeed.precision=bf16"], 2, 2),
+    (["deepspeed.zero_stage=2", "deepspeed.precision=fp16"], 1, 2),  # fp16: DeepSpeed's loss-scaled ZeRO path
     (["deepspeed.zero_stage=2", "deepspeed.auto_stage=false"], 1, 2),
     (["deepspeed.zero_stage=2", "deepspeed.offload_optimizer=true"], 1, 2),
 ])
@@ -35,6 +37,11 @@ def test_resume_follows_the_checkpoints_layout() -> None:
     with pytest.raises(ConfigError, match="resume it at 1 rank or with deepspeed.zero_stage=0"):
         effective_stage(cfg, 2, {"partitioned": False, "world_size": 1})
     assert effective_stage(_cfg("deepspeed.zero_stage=0"), 2, {"partitioned": False, "world_size": 1}) == 0
+    bf16 = _cfg("deepspeed.zero_stage=2", "deepspeed.precision=bf16")
+    assert effective_stage(bf16, 1, {"partitioned": False, "world_size": 1}) == 0
+    assert effective_stage(bf16, 1, {"partitioned": True, "world_size": 1}) == 2  # written at ZeRO-2 (before auto)
+    with pytest.raises(ConfigError, match="without partitioned optimizer state"):
+        effective_stage(bf16, 2, {"partitioned": False, "world_size": 1})
 
 
 def test_ds_config_per_stage_and_precision() -> None:
