@@ -6,10 +6,11 @@
 Each run is a fresh subprocess (``--worker trainer|bare``), alternating bare, trainer, bare,
 trainer ... so both see the same machine load. The trainer is ``latentpipe.training.engine.Trainer`` (real
 image or latent shards, the WebDataset loader, DeepSpeed, EMA on, tracking and checkpoints
-off); the bare loop is the same recipe by hand: the family's loss, ``backward``, torch's multi-tensor
-clip, fused AdamW and (when the config's EMA is on) a multi-tensor lerp of an fp32 EMA, on one
-in-memory batch from the same shards (bf16: a bf16 module with fp32 master weights, as DeepSpeed). Every step appends a JSONL row to DIR/steps.jsonl
-(so a timeout keeps what was measured): wall time per step and host seconds per phase (data,
+off); the bare loop is the same recipe by hand: the family's loss, ``backward``, torch's
+multi-tensor clip, fused AdamW and (when the config's EMA is on) a multi-tensor lerp of an fp32
+EMA, on one in-memory batch from the same shards (bf16: a bf16 module with fp32 master weights,
+as DeepSpeed). Every step appends a JSONL row to DIR/steps.jsonl (so a timeout keeps what was
+measured): wall time per step and host seconds per phase (data,
 loss, backward, overflow check, norm, optimizer, EMA, syncs: the trainer's methods timed by
 wrappers installed here), and for a few steps the ``torch.profiler`` busy time (CPU: self time
 of the ops; CUDA: kernel time). The summary (DIR/summary.json, printed) is samples/s of each

@@ -15,7 +15,8 @@ the fp32 master fragment it owns, and updates it in place from that fragment (no
   has its fp32 copy at ``grad_position`` in the optimizer's ``fp32_partitioned_groups_flat``.
 - ZeRO-0 (no fp32 partitions exist): rank r keeps the slice [r*P, (r+1)*P) of each
   replicated parameter, P = ceil(numel / world), read from its fp32 master: the parameter
-  itself in fp32; in bf16/fp16 its piece of DeepSpeed's replicated ``fp32_groups_flat``.
+  itself in fp32; in bf16/fp16 its copy in DeepSpeed's replicated ``fp32_groups`` (or the
+  fused wrapper's ``fp32_groups_flat``).
 
 Checkpoints store each rank's fragments by parameter name and offset, so they reload at
 any world size and ZeRO stage (a rank reads the overlapping pieces of every stored file).

@@ -48,11 +48,11 @@ from latentpipe.training.zero import (
     DistInfo,
     build_engines,
     build_modules,
+    deepspeed_skips_overflow,
     effective_stage,
     setup_distributed,
     step_optimizer,
     trainer_clips,
-    uses_fp32_partitions,
 )
 
 log = logging.getLogger("latentpipe.train")
@@ -372,7 +372,7 @@ class Trainer:
         # No device-side skip (e.g. an optimizer from a DeepSpeed config file): read the flag here.
         if not bool(bad):
             return False
-        if uses_fp32_partitions(engine):
+        if deepspeed_skips_overflow(engine):
             self._expect_skip[part] = True  # DeepSpeed's overflow check drops it (checked after the step)
             return False
         engine.optimizer.zero_grad(set_to_none=True)

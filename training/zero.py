@@ -221,10 +221,11 @@ def step_optimizer(engine: Any) -> torch.optim.Optimizer | None:
     return opt
 
 
-def uses_fp32_partitions(engine: Any) -> bool:
-    """True when DeepSpeed keeps partitioned fp32 masters and skips non-finite steps itself."""
+def deepspeed_skips_overflow(engine: Any) -> bool:
+    """True when DeepSpeed's own overflow check skips a step with non-finite gradients (ZeRO-1-3
+    and its bf16/fp16 wrappers, which keep fp32 masters; partitioned only at ZeRO-1-3)."""
     return bool(engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled())
 
 
-__all__ = ["DistInfo", "build_engines", "build_modules", "client_optimizer", "ds_config", "effective_stage",
-           "param_groups", "setup_distributed", "step_optimizer", "trainer_clips", "uses_fp32_partitions"]
+__all__ = ["DistInfo", "build_engines", "build_modules", "client_optimizer", "deepspeed_skips_overflow", "ds_config",
+           "effective_stage", "param_groups", "setup_distributed", "step_optimizer", "trainer_clips"]

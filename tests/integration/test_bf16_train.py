@@ -40,14 +40,14 @@ def test_bf16_one_rank_stage_skip_and_exact_resume(extra: list[str], stage: int,
     shards = make_image_shards(tmp_path / "data", 1, 32)
     ref = Trainer(_cfg(shards, tmp_path / "ref", *extra))
     assert ref.stage == stage and ref.engines["model"].bfloat16_enabled()
-    init = {k: v.detach().float().flatten() for k, v in ref.engines["model"].module.named_parameters()}
+    assert ref.ema is not None
+    init = {f.name: f.source.detach().clone() for f in ref.ema._sources(refresh=True)}  # the fp32 masters
     res = ref.run()
     assert res.step == 6 and res.nonfinite_steps == 1 and res.losses[4] != res.losses[4]
     assert all(v == v for i, v in enumerate(res.losses) if i != 4)
     want = _state(ref)
     assert all(torch.isfinite(v.float()).all() for v in want.values())
     # The EMA follows each weight's fp32 master: rounded to bf16 it is the module's weight.
-    assert ref.ema is not None
     weights = dict(ref.engines["model"].module.named_parameters())
     for f in ref.ema._sources():
         assert f.source.dtype == torch.float32 and f.numel == f.full_numel
